@@ -1,0 +1,38 @@
+"""`dalle ...`: the command-line interface.
+
+Each command group lives in `dalle.commands.<module>` with a `register(subparsers)` function that
+adds its parser and sets `func(args) -> int`. Expected failures end as one `error:` line, exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from dalle.runner import configure_logging, run_guarded
+
+# Command modules, in help order; each defines register(subparsers).
+COMMAND_MODULES = (
+    "dalle.commands.config_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle", description="DALL-E pipeline tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    code = run_guarded(lambda: args.func(args))
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

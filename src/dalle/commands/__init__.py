@@ -1,0 +1,1 @@
+"""Command groups of the `dalle` CLI (see dalle.cli)."""

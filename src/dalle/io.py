@@ -1,0 +1,234 @@
+"""Atomic writes, safetensors checkpoints stored with their config, manifest helpers.
+
+Nothing here ever unpickles: checkpoints are safetensors files whose metadata holds the model
+config (JSON) and any non-tensor training state. A truncated file, a pickle or a checkpoint built
+for another config becomes one `CheckpointError` line.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dalle.errors import CheckpointError, OutputError
+
+CONFIG_KEY = "dalle.config"
+STATE_KEY = "dalle.state"
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    maker = tempfile.mkdtemp if is_dir else tempfile.mkstemp
+    made = maker(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not is_dir:
+        os.close(made[0])
+        made = made[1]
+    return Path(made)
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutputError(f"cannot write {path}: {reason}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is fsync'ed and renamed onto `path`."""
+    final = Path(path)
+    try:
+        tmp = _tmp_sibling(final)
+    except OSError as exc:
+        raise _output_error(final, exc) from None
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _output_error(final, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` as a whole."""
+    final = Path(path)
+    try:
+        tmp = _tmp_sibling(final, is_dir=True)
+    except OSError as exc:
+        raise _output_error(final, exc) from None
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _output_error(final, exc) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, in one line, when an output directory cannot be created or written."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = _tmp_sibling(target / ".write-probe")
+        probe.unlink()
+    except OSError as exc:
+        raise _output_error(target, exc) from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def flatten_state(state: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Nested dict/list of tensors and plain values -> (flat tensors, JSON skeleton).
+
+    Tensors are replaced in the skeleton by {"__tensor__": name}; everything else must be JSON.
+    Used to store optimiser/EMA/scaler/RNG state in safetensors instead of a pickle.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().contiguous().cpu()
+            return {"__tensor__": path}
+        if isinstance(node, Mapping):
+            return {"__map__": [[k, walk(v, f"{path}.{k}")] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            items = [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+            return {"__tuple__": items} if isinstance(node, tuple) else items
+        return node
+
+    skeleton = walk(dict(state), prefix or "state")
+    return tensors, skeleton
+
+
+def unflatten_state(tensors: Mapping[str, torch.Tensor], skeleton: Any) -> Any:
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__map__" in node:
+                return {k: walk(v) for k, v in node["__map__"]}
+            if "__tuple__" in node:
+                return tuple(walk(v) for v in node["__tuple__"])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(skeleton)
+
+
+def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                    state: Mapping[str, Any] | None = None) -> Path:
+    """Write weights (+ optional nested training state) and their config atomically."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {CONFIG_KEY: json.dumps(dict(config), sort_keys=True, default=_json_default)}
+    if state is not None:
+        state_tensors, skeleton = flatten_state(state, prefix="__state__")
+        clash = set(state_tensors) & set(flat)
+        if clash:
+            raise ValueError(f"state tensor names clash with weights: {sorted(clash)[:3]}")
+        flat.update(state_tensors)
+        metadata[STATE_KEY] = json.dumps(skeleton, default=_json_default)
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def _sniff(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] in _PICKLE_MAGIC or head[:4] in _PICKLE_MAGIC:
+        raise CheckpointError(f"{path} is a pickle/torch.save file, not safetensors; refusing to "
+                              "unpickle it (convert it, e.g. `dalle dvae import-openai`)")
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is truncated ({len(head)} bytes)")
+
+
+def load_checkpoint(path: str | Path, expected_config: Mapping[str, Any] | None = None,
+                    with_state: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """Read (weights, config, state). Raises CheckpointError on any problem, in one line."""
+    path = Path(path)
+    _sniff(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"{path} is truncated or not a safetensors checkpoint ({reason})") from None
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{path} has no dalle config in its metadata (not written by dalle?)")
+    config = json.loads(metadata[CONFIG_KEY])
+    if expected_config is not None:
+        check_config(path, config, expected_config)
+    state = None
+    weights = {k: v for k, v in flat.items() if not k.startswith("__state__")}
+    if with_state and STATE_KEY in metadata:
+        state_tensors = {k: v for k, v in flat.items() if k.startswith("__state__")}
+        state = unflatten_state(state_tensors, json.loads(metadata[STATE_KEY]))
+    return weights, config, state
+
+
+def check_config(path: str | Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """One line naming the first key whose value differs between checkpoint and config."""
+    for key in sorted(set(found) | set(expected)):
+        a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
+        if json.dumps(a, sort_keys=True, default=_json_default) != json.dumps(
+                b, sort_keys=True, default=_json_default):
+            raise CheckpointError(f"{path} was built for a different config: {key} is {a!r} in the "
+                                  f"checkpoint but {b!r} in params")
