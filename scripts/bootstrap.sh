@@ -17,7 +17,7 @@ stamp_ok() {  # stamp_ok NAME HASH -> 0 when the step already ran with these inp
   [ -f "$VENV/.stamp-$1" ] && [ "$(cat "$VENV/.stamp-$1")" = "$2" ]
 }
 stamp_set() { echo "$2" > "$VENV/.stamp-$1"; }
-hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+hash_of() { for f in "$@"; do if [ -f "$f" ]; then cat "$f"; fi; done | sha256sum | cut -c1-16; }
 log() { echo "[bootstrap $(date +%H:%M:%S)] $*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
