@@ -10,6 +10,7 @@ The section models live in `dalle.config_sections`; this module owns loading and
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -70,6 +71,17 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed in the section that holds `loc` (for "did you mean" hints)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_error(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
@@ -77,7 +89,9 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: missing required key"
     if kind == "extra_forbidden":
-        return f"{key}: unknown key (value {value!r}); check the spelling against params.yaml"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "check the spelling against params.yaml"
+        return f"{key}: unknown key (value {value!r}); {hint}"
     return f"{key}: bad value {value!r}: {err['msg'].lower()}"
 
 
@@ -86,7 +100,8 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        # unknown keys first: a typo also shows up as the missing key it was meant to be
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(f"{source}: {_format_error(errors[0])}{more}") from None
 
