@@ -2,10 +2,11 @@
 
 One MLflow run per stage, a child of one parent run per pipeline run (a `dvc repro`, a Prefect
 flow run, a `make repro`), tagged with the stage name, git commit, params hash and pipeline id.
-Library code receives a `Tracker` and never sees mlflow; `NullTracker` is used when tracking is
-off (params `tracking.enabled: false`) and on every Horovod rank but 0. The client API
-(`MlflowClient`) is used throughout because the fluent API keeps global state that is not safe
-across threads (Prefect task runners).
+Each stage's final metrics are copied onto the parent as `<stage>/<metric>` so pipeline runs can
+be compared side by side. Library code receives a `Tracker` and never sees mlflow; `NullTracker`
+is used when tracking is off (`tracking.enabled: false`) and on every Horovod rank but 0. The
+client API (`MlflowClient`) is used throughout: the fluent API keeps global state that is not
+safe across threads (Prefect task runners). Writes retry on sqlite "database is locked".
 """
 from __future__ import annotations
 
@@ -13,20 +14,24 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 from urllib.parse import urlparse
 
 from dalle.config import REPO_ROOT, flatten, params_hash
 from dalle.errors import DalleError
 
 PIPELINE_ENV = "DALLE_PIPELINE_ID"
+GOOD_ALIAS = "good"  # MLflow reserves the alias `latest`; `models:/NAME/latest` is the newest version
 _MAX_PARAM_LEN = 6000
+T = TypeVar("T")
 
 
 class TrackingError(DalleError):
@@ -38,14 +43,35 @@ def mask_uri(uri: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
 
 
+def original_root(root: Path = REPO_ROOT) -> Path:
+    """The user's repo even inside a `dvc exp run --temp/--queue` copy (<repo>/.dvc/tmp/exps/...)."""
+    parts = root.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root.resolve()
+
+
 def default_uri(configured: Optional[str] = None) -> str:
-    """MLFLOW_TRACKING_URI env > params tracking.uri > sqlite:///<abs repo root>/mlflow.db."""
+    """MLFLOW_TRACKING_URI env > params tracking.uri > sqlite:///<abs original repo>/mlflow.db.
+
+    Under the test suite (DALLE_TEST=1) the fallback is a temp-dir database, never the repo's.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if configured:
         return configured
-    return f"sqlite:///{(REPO_ROOT / 'mlflow.db').resolve()}"
+    if os.environ.get("DALLE_TEST"):
+        return f"sqlite:///{Path(tempfile.gettempdir()) / 'dalle-test-mlflow.db'}"
+    return f"sqlite:///{original_root() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """For a sqlite store: <db dir>/mlartifacts (absolute), so temp copies log to one place."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
 
 
 def process_rank() -> int:
@@ -91,6 +117,19 @@ def pipeline_id() -> str:
     return value
 
 
+def retry_locked(fn: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
+    """Call fn, retrying with backoff while sqlite says the database is locked/busy."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - only lock errors are retried
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 class NullTracker:
     """Does nothing; the tracker used when tracking is off or on non-zero ranks."""
 
@@ -102,7 +141,8 @@ class NullTracker:
     def log_artifact(self, path: str | Path, subdir: Optional[str] = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
-    def register_model(self, name: str, files: list[str | Path], description: str = "") -> None: ...
+    def register_model(self, name: str, files: list[str | Path], description: str = "",
+                       good: bool = True) -> Optional[str]: ...
 
 
 class MlflowTracker(NullTracker):
@@ -110,18 +150,18 @@ class MlflowTracker(NullTracker):
 
     enabled = True
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, register: bool = True) -> None:
         self.client = client
         self.run_id = run_id
+        self.register = register
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
+        items = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN])
                  for k, v in flatten(dict(params)).items()]
-        items = [Param(p.key, p.value[:_MAX_PARAM_LEN]) for p in items]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            retry_locked(lambda: self.client.log_batch(self.run_id, params=items[start:start + 100]))
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
@@ -130,7 +170,7 @@ class MlflowTracker(NullTracker):
         items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_artifact(self, path: str | Path, subdir: Optional[str] = None) -> None:
         path = Path(path)
@@ -144,46 +184,59 @@ class MlflowTracker(NullTracker):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            retry_locked(lambda: self.client.set_tag(self.run_id, key, str(value)))
 
-    def register_model(self, name: str, files: list[str | Path], description: str = "") -> None:
-        """Log files under `model/` and register them as a new version aliased `latest`."""
+    def register_model(self, name: str, files: list[str | Path], description: str = "",
+                       good: bool = True) -> Optional[str]:
+        """Log files (safetensors + config JSON) under `model/`, register them as a new version of
+        `name`, and point the alias `good` at it when `good` (e.g. its loss was finite)."""
+        if not self.register:
+            return None
+        missing = [str(f) for f in files if not Path(f).exists()]
+        if missing:
+            raise TrackingError(f"cannot register model {name!r}: {missing[0]} does not exist")
         for f in files:
             self.log_artifact(f, "model")
-        source = f"runs:/{self.run_id}/model"
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # exists already (or created concurrently)
             self.client.create_registered_model(name, description=description)
-        version = self.client.create_model_version(name, source, run_id=self.run_id)
-        self.client.set_registered_model_alias(name, "latest", version.version)
+        version = retry_locked(lambda: self.client.create_model_version(
+            name, f"runs:/{self.run_id}/model", run_id=self.run_id,
+            tags={"dalle.good": str(good).lower()}))
+        if good:
+            self.client.set_registered_model_alias(name, GOOD_ALIAS, version.version)
+        return str(version.version)
 
 
-def _check_reachable(uri: str, timeout: float = 3.0) -> None:
+def _probe_http(uri: str, timeout: float = 3.0) -> None:
+    """GET <server>/health with a short timeout, so a dead server fails fast, not after retries."""
     parsed = urlparse(uri)
     if parsed.scheme not in {"http", "https"}:
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise TrackingError(f"MLflow server {mask_uri(uri)} is not reachable ({exc.strerror or exc}); "
-                            "unset MLFLOW_TRACKING_URI to use the embedded sqlite store, or set "
-                            "tracking.enabled: false") from None
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: reachable (proxies may not expose /health)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise TrackingError(f"MLflow server {mask_uri(uri)} is not reachable ({reason}); unset "
+                            "MLFLOW_TRACKING_URI (and tracking.uri) to use the embedded sqlite "
+                            "store, or set tracking.enabled: false") from None
 
 
 def make_client(uri: str) -> Any:
-    _check_reachable(uri)
+    _probe_http(uri)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_root(uri))
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -196,10 +249,54 @@ def _parent_run(client: Any, exp_id: str, pid: str, tags: Mapping[str, str]) -> 
     query = f"tags.`dalle.pipeline_id` = '{pid}' and tags.`dalle.kind` = 'pipeline'"
     found = client.search_runs([exp_id], filter_string=query, max_results=1)
     if found:
+        if found[0].info.status != "RUNNING":
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=f"pipeline {pid}",
                             tags={**tags, "dalle.kind": "pipeline", "dalle.pipeline_id": pid})
-    return run.info.run_id
+    # Two stages may race to create it: all keep the oldest, the loser deletes its own.
+    oldest = client.search_runs([exp_id], filter_string=query, max_results=1,
+                                order_by=["attributes.start_time ASC"])[0].info.run_id
+    if oldest != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return oldest
+
+
+@dataclass
+class PipelineRun:
+    """The parent run of one pipeline run (what Prefect links to)."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    uri: str
+    stages: list[str] = field(default_factory=list)
+
+    def link(self) -> str:
+        """A URL for the MLflow UI when served over http, else the run's id path."""
+        base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def open_pipeline(params: Any, pid: Optional[str] = None) -> Optional[PipelineRun]:
+    """Create (or find) the parent run for pipeline `pid` and log the params on it."""
+    tracking = params.tracking
+    if not tracking.enabled or process_rank() != 0:
+        return None
+    uri = default_uri(tracking.uri)
+    client = make_client(uri)
+    exp_id = _experiment_id(client, tracking.experiment, uri)
+    pid = pid or pipeline_id()
+    tags = {"dalle.git_commit": git_commit(), "dalle.params_hash": params_hash(params)}
+    run_id = _parent_run(client, exp_id, pid, {**tags, "dalle.pipeline_id": pid})
+    with contextlib.suppress(Exception):  # same params already logged by an earlier stage
+        MlflowTracker(client, run_id).log_params(params.model_dump(mode="json"))
+    return PipelineRun(client, run_id, exp_id, uri)
+
+
+def _copy_final_metrics(client: Any, child: str, parent: str, stage: str) -> None:
+    metrics = client.get_run(child).data.metrics
+    MlflowTracker(client, parent).log_metrics({f"{stage}/{k}": v for k, v in metrics.items()})
 
 
 @contextlib.contextmanager
@@ -207,30 +304,29 @@ def stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[N
     """Context for one stage: yields a tracker (Null when off or rank != 0) and ends the run.
 
     `params` is the full `dalle.config.Params`; all of it is logged (dotted names) so runs can be
-    compared on any knob, and its hash is a tag.
+    compared on any knob, and its hash is a tag. The parent run ends FINISHED/FAILED with it.
     """
     rank = process_rank() if rank is None else rank
-    tracking = params.tracking
-    if not tracking.enabled or rank != 0:
+    if not params.tracking.enabled or rank != 0:
         yield NullTracker()
         return
-    uri = default_uri(tracking.uri)
-    client = make_client(uri)
-    exp_id = _experiment_id(client, tracking.experiment)
-    pid = pipeline_id()
-    tags = {"dalle.stage": stage, "dalle.git_commit": git_commit(),
-            "dalle.params_hash": params_hash(params), "dalle.pipeline_id": pid}
-    parent = _parent_run(client, exp_id, pid, {k: v for k, v in tags.items() if k != "dalle.stage"})
-    run = client.create_run(exp_id, run_name=stage,
-                            tags={**tags, "dalle.kind": "stage", "mlflow.parentRunId": parent})
-    tracker = MlflowTracker(client, run.info.run_id)
+    pipe = open_pipeline(params)
+    assert pipe is not None
+    client = pipe.client
+    tags = {"dalle.stage": stage, "dalle.git_commit": git_commit(), "dalle.kind": "stage",
+            "dalle.params_hash": params_hash(params), "dalle.pipeline_id": pipeline_id(),
+            "mlflow.parentRunId": pipe.run_id}
+    run = retry_locked(lambda: client.create_run(pipe.experiment_id, run_name=stage, tags=tags))
+    tracker = MlflowTracker(client, run.info.run_id, params.tracking.register_models)
     tracker.log_params(params.model_dump(mode="json"))
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
+        _copy_final_metrics(client, run.info.run_id, pipe.run_id, stage)
     finally:
-        client.set_terminated(run.info.run_id, status=status)
+        retry_locked(lambda: client.set_terminated(run.info.run_id, status=status))
+        retry_locked(lambda: client.set_terminated(pipe.run_id, status=status))
 
 
 def log_json_artifact(tracker: NullTracker, obj: Any, name: str) -> None:
@@ -241,3 +337,90 @@ def log_json_artifact(tracker: NullTracker, obj: Any, name: str) -> None:
         path = Path(tmp) / name
         path.write_text(json.dumps(obj, indent=2, default=str))
         tracker.log_artifact(path)
+
+
+# ----------------------------------------------------------------------------- reading runs back
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as `dalle runs compare` shows it."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int
+    kind: str
+    stage: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def search_runs(experiment: str, kind: str = "pipeline", stage: Optional[str] = None,
+                max_results: int = 50, uri: Optional[str] = None) -> list[RunRecord]:
+    """Runs of `experiment`, newest first: pipeline (parent) runs, or stage runs of `stage`."""
+    client = make_client(uri or default_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"experiment {experiment!r} does not exist in {mask_uri(client.tracking_uri)}")
+    query = f"tags.`dalle.kind` = '{kind}'" + (f" and tags.`dalle.stage` = '{stage}'" if stage else "")
+    runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=max_results,
+                              order_by=["attributes.start_time DESC"])
+    return [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status,
+                      r.info.start_time or 0, r.data.tags.get("dalle.kind", ""),
+                      r.data.tags.get("dalle.stage", ""), dict(r.data.params),
+                      dict(r.data.metrics)) for r in runs]
+
+
+def metric_history(run_id: str, key: str, uri: Optional[str] = None) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric of one run, by step."""
+    client = make_client(uri or default_uri())
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _resolve_model(client: Any, uri: str) -> tuple[str, str]:
+    """models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest -> (run_id, artifact path)."""
+    body = uri[len("models:/"):]
+    name, sep, alias = body.partition("@")
+    try:
+        if sep and alias.lower() != "latest":
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, ver = (name if sep else body).partition("/")
+            if ver in ("", "latest"):
+                found = client.search_model_versions(f"name = '{name}'", max_results=1000)
+                if not found:
+                    raise TrackingError(f"model {name!r} has no registered version")
+                version = max(found, key=lambda v: int(v.version))
+            else:
+                version = client.get_model_version(name, ver)
+    except TrackingError:
+        raise
+    except Exception:  # noqa: BLE001 - registry says "not found" in many shapes
+        raise TrackingError(f"model {uri!r} is not in the registry at "
+                            f"{mask_uri(client.tracking_uri)}") from None
+    source = version.source or ""
+    path = source.split("/", 3)[3] if source.startswith("runs:/") and source.count("/") >= 3 else "model"
+    return version.run_id, path
+
+
+def fetch_model(uri: str, dst: Optional[str | Path] = None, tracking_uri: Optional[str] = None) -> Path:
+    """A local directory holding the model's files (safetensors + JSON).
+
+    `uri` is `models:/NAME@ALIAS` (`@latest`: the newest version), `models:/NAME/VERSION`,
+    `runs:/RUN_ID/PATH`, or a local file/directory (returned as is).
+    """
+    if not uri.startswith(("models:/", "runs:/")):
+        local = Path(uri)
+        if not local.exists():
+            raise TrackingError(f"model {uri!r}: no such file, and not a models:/ or runs:/ URI")
+        return local
+    client = make_client(tracking_uri or default_uri())
+    if uri.startswith("models:/"):
+        run_id, path = _resolve_model(client, uri)
+    else:
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="dalle-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(client.download_artifacts(run_id, path or "model", str(dst)))
+    except Exception:  # noqa: BLE001
+        raise TrackingError(f"model {uri!r}: its files could not be downloaded") from None
