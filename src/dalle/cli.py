@@ -15,6 +15,7 @@ from dalle.runner import configure_logging, run_guarded
 # Command modules, in help order; each defines register(subparsers).
 COMMAND_MODULES = (
     "dalle.commands.config_cmd",
+    "dalle.commands.runs_cmd",
 )
 
 

@@ -226,6 +226,7 @@ def _probe_http(uri: str, timeout: float = 3.0) -> None:
 
 def make_client(uri: str) -> Any:
     _probe_http(uri)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter on stderr
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
