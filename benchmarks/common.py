@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import math
@@ -104,6 +105,10 @@ def peak_rss() -> Iterator[RSS]:
     """Measure the peak RSS of the enclosed block: the kernel's high-water mark (VmHWM) is reset
     by writing 5 to /proc/self/clear_refs, so several contenders can be measured in one process."""
     gc.collect()
+    try:  # hand freed heap back to the OS, so a contender cannot hide in a predecessor's pages
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     rss = RSS(start_mb=_status_kb("VmRSS") / 1024)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
