@@ -1,0 +1,119 @@
+"""dVAE: training images/s (forward + ELB loss + backward + Adam step) and encode images/s (argmax
+codes, no gradient) of this project's dVAE vs DALLE-pytorch's `DiscreteVAE` at matched size
+(issue 9, item 3; peak RSS: item 4), in ONE process, channels-last where ours uses it.
+
+Shapes: `default` = params.yaml (64x64 images, 8x8 grid, 512 codes, the default widths);
+`paper-shaped` = 256x256 images, 32x32 grid, the paper's 8192 codes, released layout (4 groups,
+max-pool after groups 1-3) at reduced width n_hid 64, one block per group.
+DALLE-pytorch's DiscreteVAE gets the same image size, downsampling (3 stride-2 convs), vocabulary
+and the hidden width whose parameter count is closest to ours (the note shows both counts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from benchmarks import peers
+from benchmarks.common import emit, peak_rss, quick, threads, time_interleaved
+
+
+@dataclass(frozen=True)
+class DvaeShape:
+    name: str
+    image_size: int
+    vocab: int
+    n_hid: int
+    n_blk_per_group: int
+    batch: int
+    group_count: int = 4
+
+
+def dvae_shapes() -> list[DvaeShape]:
+    if quick():
+        return [DvaeShape("quick", 32, 64, 16, 1, 4)]
+    from dalle.config import load_params
+
+    d = load_params(peers.ROOT / "params.yaml")
+    return [DvaeShape("default", d.data.image_size, d.dvae.vocab_size, d.dvae.n_hid, d.dvae.n_blk_per_group,
+                      d.dvae.batch_size, d.dvae.group_count),
+            DvaeShape("paper-shaped", 256, 8192, 64, 1, 4)]
+
+
+def n_params(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def ours(shape: DvaeShape) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """(module holding all parameters, loss(images) for training, encode(images) -> codes)."""
+    from dalle.models.dvae import Decoder, Encoder
+    from dalle.train.dvae import dvae_loss
+
+    enc = Encoder(group_count=shape.group_count, n_hid=shape.n_hid, n_blk_per_group=shape.n_blk_per_group,
+                  vocab_size=shape.vocab)
+    dec = Decoder(group_count=shape.group_count, n_init=shape.n_hid, n_hid=shape.n_hid,
+                  n_blk_per_group=shape.n_blk_per_group, vocab_size=shape.vocab)
+    both = torch.nn.ModuleDict({"encoder": enc, "decoder": dec}).to(memory_format=torch.channels_last)
+    return both, (lambda x: dvae_loss(enc, dec, x, tau=1.0, beta=6.6)), (lambda x: enc(x).argmax(1))
+
+
+def dalle_pytorch(shape: DvaeShape, target_params: int):
+    from dalle_pytorch import DiscreteVAE
+
+    def make(h: int) -> torch.nn.Module:
+        return DiscreteVAE(image_size=shape.image_size, num_layers=shape.group_count - 1, num_tokens=shape.vocab,
+                           codebook_dim=512, hidden_dim=h, num_resnet_blocks=shape.n_blk_per_group,
+                           kl_div_loss_weight=6.6)
+
+    widths = (16, 32, 64, 128, 256)
+    h = min(widths, key=lambda w: abs(n_params(make(w)) - target_params))
+    vae = make(h)
+    return vae, (lambda x: vae(x, return_loss=True)), vae.get_codebook_indices
+
+
+def contenders(shape: DvaeShape, images: torch.Tensor):
+    """{impl: (train_step, encode)}, peak RSS per impl, parameter counts."""
+    peers.preimport()
+    built, rss, sizes = {}, {}, {}
+    for impl in ("dalle", "dalle-pytorch"):
+        try:
+            with peak_rss() as mem:
+                model, loss, encode = ours(shape) if impl == "dalle" else dalle_pytorch(shape, sizes.get("dalle", 0))
+                opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+                def step(loss=loss, opt=opt) -> None:
+                    loss(images).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                step()
+            built[impl], rss[impl], sizes[impl] = (step, encode), mem.delta_mb, n_params(model)
+        except ImportError as exc:
+            emit("dvae_train", shape.name, impl, "images/s", None, note=f"unavailable: {exc}")
+    return built, rss, sizes
+
+
+def bench_shape(shape: DvaeShape) -> None:
+    images = torch.rand(shape.batch, 3, shape.image_size, shape.image_size).contiguous(memory_format=torch.channels_last)
+    built, rss, sizes = contenders(shape, images)
+    repeats = 1 if quick() else 3
+    train = time_interleaved({k: v[0] for k, v in built.items()}, repeats=repeats, warmup=0)
+    with torch.no_grad():
+        enc = time_interleaved({k: (lambda f=v[1]: f(images)) for k, v in built.items()}, repeats=repeats, warmup=1)
+    size = f"{shape.image_size}px, {shape.vocab} codes, batch {shape.batch}, {threads()} threads, fp32"
+    for impl in built:
+        note = f"{size}, {sizes[impl] / 1e6:.2f} M params"
+        emit("dvae_train", shape.name, impl, "images/s", shape.batch / train[impl], peak_rss_mb=rss[impl], note=note)
+        emit("dvae_encode", shape.name, impl, "images/s", shape.batch / enc[impl], note=note)
+
+
+def main() -> None:
+    torch.set_num_threads(threads())
+    torch.manual_seed(0)
+    for shape in dvae_shapes():
+        bench_shape(shape)
+
+
+if __name__ == "__main__":
+    main()
