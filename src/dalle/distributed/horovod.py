@@ -1,0 +1,88 @@
+"""The only module of the project that imports horovod (DESIGN.md §2).
+
+`init_groups(shard_group_size)` starts Horovod with the paper's two kinds of groups as
+`hvd.ProcessSet`s (§2.5, fig. 5): the ranks of one machine (sharding group: ranks
+[g*s, (g+1)*s)) and the ranks holding the same shard index on every machine (data-parallel group:
+ranks {j, j+s, j+2s, ...}). A machine is `shard_group_size` consecutive ranks, so two "machines" of
+one or two ranks each can be simulated on one host.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import horovod.torch as hvd
+import torch
+
+from dalle.errors import ConfigError
+
+
+class GroupComm:
+    """Collectives over one process set (or the global set), named and averaged."""
+
+    def __init__(self, process_set: Any, tag: str) -> None:
+        self.ps = process_set
+        self.tag = tag
+        self.size = process_set.size()
+        self.rank = process_set.rank()
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Any:
+        return hvd.allgather_async(tensor, name=f"{self.tag}.{name}", process_set=self.ps)
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        return hvd.synchronize(handle)
+
+    def reducescatter_mean(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return hvd.reducescatter(tensor, name=f"{self.tag}.{name}", op=hvd.Average,
+                                 process_set=self.ps)
+
+    def allreduce_mean(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return hvd.allreduce(tensor, name=f"{self.tag}.{name}", op=hvd.Average, process_set=self.ps)
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return hvd.allreduce(tensor, name=f"{self.tag}.{name}", op=hvd.Sum, process_set=self.ps)
+
+    def allreduce_min(self, value: int, name: str) -> int:
+        out = hvd.allreduce(torch.tensor([value]), name=f"{self.tag}.{name}", op=hvd.Min,
+                            process_set=self.ps)
+        return int(out.item())
+
+    def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> None:
+        hvd.broadcast_(tensor, root_rank=root, name=f"{self.tag}.{name}", process_set=self.ps)
+
+
+@dataclass
+class Groups:
+    world: GroupComm
+    shard: Optional[GroupComm]  # None: one rank per machine (no sharding)
+    data: Optional[GroupComm]  # None: one machine (no cross-machine reduction)
+
+
+def init_groups(shard_group_size: int) -> Groups:
+    """hvd.init with the sharding and data-parallel process sets of this launch."""
+    size = int(os.environ.get("HOROVOD_SIZE", "1"))
+    s = shard_group_size
+    if size % s:
+        raise ConfigError(f"distributed.shard_group_size {s} does not divide the {size} "
+                          "launched processes")
+    machines = size // s
+    shard_sets = [hvd.ProcessSet(list(range(g * s, (g + 1) * s))) for g in range(machines)]
+    data_sets = [hvd.ProcessSet(list(range(j, size, s))) for j in range(s)]
+    extra = (shard_sets if 1 < s < size else []) + (data_sets if 1 < machines < size else [])
+    hvd.init(process_sets=extra)
+    rank = hvd.rank()
+    world = GroupComm(hvd.global_process_set, "w")
+    shard = data = None
+    if s > 1:
+        shard = world if s == size else GroupComm(shard_sets[rank // s], "s")
+    if machines > 1:
+        data = world if machines == size else GroupComm(data_sets[rank % s], "d")
+    return Groups(world, shard, data)
+
+
+def shutdown() -> None:
+    if hvd.is_initialized():
+        hvd.shutdown()
+
+

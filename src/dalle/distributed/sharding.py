@@ -1,0 +1,273 @@
+"""Parameter sharding within a machine (paper §2.5, fig. 5).
+
+Each of the n ranks of a sharding group owns a 1/n slice of every parameter of a resblock, packed
+into ONE flat buffer (so its Adam/EMA state is 1/n too). A resblock's full parameters exist only
+while it computes: they are all-gathered just before use (the next block's gather is already in
+flight - prefetch), discarded after; in the backward pass they are gathered again, the block is
+recomputed (activation checkpointing, paper §2.4) and its parameter gradients are reduce-scattered
+so each rank ends with the group-averaged gradient of its own slice.
+
+Matrices are sliced along their larger axis (ties: dim 0), as in App. E.1: a d x d attention
+matrix becomes d x (d/n), the MLP's 4d x d and d x 4d both keep d and slice 4d; 1-D parameters
+(and matrices the axis does not divide) are sliced flat with zero padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+class ShardComm(Protocol):
+    """Collectives over the sharding group (dalle.distributed.horovod.GroupComm implements it)."""
+
+    size: int
+    rank: int
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Any: ...
+
+    def wait(self, handle: Any) -> torch.Tensor: ...
+
+    def reducescatter_mean(self, tensor: torch.Tensor, name: str) -> torch.Tensor: ...
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor: ...
+
+
+class LocalComm:
+    """The group of one: gathers and reduce-scatters are identities (single process)."""
+
+    size = 1
+    rank = 0
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Any:
+        return tensor
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        return handle
+
+    def reducescatter_mean(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: tuple[int, ...]
+    axis: Optional[int]  # None: flat (padded) slicing
+    shard_shape: tuple[int, ...]
+    offset: int  # into the rank's flat buffer
+
+    @property
+    def shard_numel(self) -> int:
+        n = 1
+        for s in self.shard_shape:
+            n *= s
+        return n
+
+
+def shard_axis(shape: Sequence[int], n: int) -> Optional[int]:
+    """The larger axis of a matrix if n divides it (else the other one), None for flat slicing."""
+    if len(shape) != 2:
+        return None
+    order = (0, 1) if shape[0] >= shape[1] else (1, 0)
+    return next((ax for ax in order if shape[ax] % n == 0), None)
+
+
+def make_slots(named: Sequence[tuple[str, torch.Size]], n: int) -> list[Slot]:
+    slots, offset = [], 0
+    for name, shape in named:
+        shape = tuple(shape)
+        axis = shard_axis(shape, n)
+        if axis is None:
+            numel = 1
+            for s in shape:
+                numel *= s
+            shard_shape: tuple[int, ...] = (-(-numel // n),)  # ceil: zero padding on the last rank
+        else:
+            shard_shape = tuple(s // n if i == axis else s for i, s in enumerate(shape))
+        slot = Slot(name, shape, axis, shard_shape, offset)
+        slots.append(slot)
+        offset += slot.shard_numel
+    return slots
+
+
+def split_full(full: torch.Tensor, slot: Slot, n: int) -> list[torch.Tensor]:
+    """A full tensor -> the n flat slices of its ranks."""
+    if slot.axis is not None:
+        return [c.reshape(-1) for c in full.chunk(n, dim=slot.axis)]
+    flat = full.reshape(-1)
+    pad = slot.shard_numel * n - flat.numel()
+    return list(torch.cat([flat, flat.new_zeros(pad)]).chunk(n)) if pad else list(flat.chunk(n))
+
+
+def merge_slices(slices: Sequence[torch.Tensor], slot: Slot) -> torch.Tensor:
+    """The n flat slices (rank order) -> the full tensor."""
+    if slot.axis is not None:
+        return torch.cat([s.view(slot.shard_shape) for s in slices], dim=slot.axis)
+    numel = 1
+    for s in slot.shape:
+        numel *= s
+    return torch.cat(list(slices))[:numel].view(slot.shape)
+
+
+class FlatShard:
+    """This rank's flat slice [L] of a list of parameters, plus pack/unpack for collectives."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], comm: ShardComm) -> None:
+        self.comm = comm
+        n = comm.size
+        self.slots = make_slots([(k, v.shape) for k, v in named], n)
+        self.numel = sum(s.shard_numel for s in self.slots)
+        mine = [split_full(v.detach().float(), s, n)[comm.rank] for (_, v), s in zip(named, self.slots)]
+        self.param = nn.Parameter(torch.cat(mine).clone() if mine else torch.zeros(0))  # [L]
+
+    def unpack(self, gathered: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All-gathered [n*L] -> {name: full tensor}."""
+        per_rank = gathered.view(self.comm.size, self.numel)  # [n, L]
+        return {s.name: merge_slices(per_rank[:, s.offset:s.offset + s.shard_numel].unbind(0), s)
+                for s in self.slots}
+
+    def pack(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{name: full tensor} -> [n*L], rank-major, ready for a reduce-scatter."""
+        n = self.comm.size
+        parts = [split_full(full[s.name].float(), s, n) for s in self.slots]  # [slot][rank]
+        return torch.cat([parts[i][r] for r in range(n) for i in range(len(self.slots))])
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: shard-shaped view} of a [L] buffer (gradient, error buffer, ...)."""
+        return {s.name: flat[s.offset:s.offset + s.shard_numel].view(s.shard_shape)
+                for s in self.slots}
+
+    def gather(self, name: str) -> dict[str, torch.Tensor]:
+        return self.unpack(self.comm.wait(self.comm.allgather_async(self.param.detach(), name)))
+
+
+# ----------------------------------------------------------------------------- resblocks
+class Prefetcher:
+    """Keeps the next block's all-gather in flight while the current block computes."""
+
+    def __init__(self, comm: ShardComm) -> None:
+        self.comm = comm
+        self.blocks: list["ShardedBlock"] = []
+        self.pending: dict[int, Any] = {}
+        self.gathers = 0
+
+    def _issue(self, i: int) -> None:
+        if 0 <= i < len(self.blocks) and i not in self.pending:
+            self.pending[i] = self.comm.allgather_async(self.blocks[i].shard.param.detach(), f"ag.{i}")
+            self.gathers += 1
+
+    def full_params(self, i: int, direction: int) -> dict[str, torch.Tensor]:
+        """Block i's full parameters; starts the gather of block i + direction (+1 fwd, -1 bwd)."""
+        self._issue(i)
+        handle = self.pending.pop(i)
+        self._issue(i + direction)
+        return self.blocks[i].shard.unpack(self.comm.wait(handle))
+
+    def drain(self) -> None:
+        """Finish stray prefetches (parameters are about to change)."""
+        for handle in self.pending.values():
+            self.comm.wait(handle)
+        self.pending.clear()
+
+
+class _GatherCompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, shard: torch.Tensor, block: "ShardedBlock",
+                *args: Any) -> torch.Tensor:
+        ctx.block, ctx.args = block, args
+        ctx.save_for_backward(x)
+        params = block.prefetcher.full_params(block.index, +1)
+        with torch.no_grad():
+            out = functional_call(block.inner, params, (x, *args))
+        return out  # full params go out of scope here: freed
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        (x,) = ctx.saved_tensors
+        block = ctx.block
+        params = {k: v.requires_grad_() for k, v in
+                  block.prefetcher.full_params(block.index, -1).items()}
+        x = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad():  # recompute the block (activation checkpointing, §2.4)
+            out = functional_call(block.inner, params, (x, *ctx.args))
+        inputs = ([x] if x.requires_grad else []) + list(params.values())
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        gx = grads[0] if x.requires_grad else None
+        pg = {k: (g if g is not None else torch.zeros_like(v))
+              for (k, v), g in zip(params.items(), grads[len(inputs) - len(params):])}
+        g_shard = block.shard.comm.reducescatter_mean(block.shard.pack(pg), f"rs.{block.index}")
+        return (gx, g_shard.view_as(block.shard.param), None, *([None] * len(ctx.args)))
+
+
+class ShardedBlock(nn.Module):
+    """Drop-in replacement of a resblock whose parameters live sharded across the group."""
+
+    def __init__(self, inner: nn.Module, index: int, prefetcher: Prefetcher) -> None:
+        super().__init__()
+        named = list(inner.named_parameters())
+        self.shard = FlatShard(named, prefetcher.comm)
+        self.flat = self.shard.param  # registered: the optimizer sees only the 1/n slice
+        for _, p in named:
+            p.data = torch.empty(0)  # the full copy is dropped; functional_call supplies it
+            p.requires_grad_(False)
+        object.__setattr__(self, "inner", inner)  # not a submodule: keeps its params out of ours
+        object.__setattr__(self, "prefetcher", prefetcher)
+        self.index = index
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        return _GatherCompute.apply(x, self.flat, self, *args)
+
+
+def shard_blocks(blocks: nn.ModuleList, comm: ShardComm) -> Prefetcher:
+    """Replace every block of `blocks` in place by its ShardedBlock; returns their prefetcher."""
+    pre = Prefetcher(comm)
+    for i in range(len(blocks)):
+        sb = ShardedBlock(blocks[i], i, pre)
+        pre.blocks.append(sb)
+        blocks[i] = sb
+    return pre
+
+
+def iter_shards(model: nn.Module) -> Iterator[FlatShard]:
+    for module in model.modules():
+        if isinstance(module, ShardedBlock):
+            yield module.shard
+
+
+class ShardedRest:
+    """The parameters outside the resblocks (embeddings, final norm, head), sharded the same way:
+    gathered into the module once before the forward pass, reduce-scattered and dropped after the
+    backward pass, so only their 1/n slice (and its optimiser state) persists between steps."""
+
+    def __init__(self, model: nn.Module, comm: ShardComm) -> None:
+        sharded = {id(s.param) for s in iter_shards(model)}
+        self.named = [(k, p) for k, p in model.named_parameters()
+                      if p.requires_grad and id(p) not in sharded]
+        self.shapes = {k: p.shape for k, p in self.named}
+        self.shard = FlatShard(self.named, comm)
+        self.release()
+
+    def materialize(self) -> None:
+        full = self.shard.gather("ag.rest")
+        for name, p in self.named:
+            p.data = full[name]
+            p.grad = None
+
+    def scatter_grads(self) -> None:
+        full = {k: (p.grad if p.grad is not None else torch.zeros(self.shapes[k])) for k, p in self.named}
+        grad = self.shard.comm.reducescatter_mean(self.shard.pack(full), "rs.rest")
+        self.shard.param.grad = grad.view_as(self.shard.param)
+        self.release()
+
+    def release(self) -> None:
+        for _, p in self.named:
+            p.data = torch.empty(0)
+            p.grad = None

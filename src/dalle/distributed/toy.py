@@ -1,0 +1,144 @@
+"""A tiny decoder stack with the prior's matrix structure (separate q, k, v, o; 4x MLP) and a
+training loop over `ShardedStrategy`, used by tests/distributed and benchmarks/bench_distributed.
+
+The loop is the reference of how a trainer drives the strategy: per-rank checkpoints (shard
+slices, Adam state, PowerSGD error buffers) written atomically, resumed from the newest step that
+every rank has.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dalle.distributed.strategy import ShardedStrategy
+from dalle.io import load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    vocab: int = 32
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    seq_len: int = 16
+    batch_size: int = 16  # global batch, split over all ranks
+    lr: float = 3e-3
+    grad_clip: float = 4.0
+    seed: int = 0
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (m(h).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D/H]
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, cfg: ToyConfig) -> None:
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(cfg.seq_len, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(ToyBlock(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, V]
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def toy_batch(cfg: ToyConfig, step: int) -> torch.Tensor:
+    """Step-indexed data (identical on every rank, no state to resume): x_t = x_{t-1} + x_{t-2}."""
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + step)
+    x = torch.zeros(cfg.batch_size, cfg.seq_len, dtype=torch.long)
+    x[:, :2] = torch.randint(0, cfg.vocab, (cfg.batch_size, 2), generator=g)
+    for t in range(2, cfg.seq_len):
+        x[:, t] = (x[:, t - 1] + x[:, t - 2]) % cfg.vocab
+    return x
+
+
+def _latest_step(ckpt_dir: Path, rank: int) -> int:
+    steps = [int(m.group(1)) for p in ckpt_dir.glob(f"rank{rank}.step*.safetensors")
+             if (m := re.search(r"step(\d+)\.safetensors$", p.name))]
+    return max(steps, default=0)
+
+
+def _save(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer, step: int) -> None:
+    params = strategy.parameters()
+    tensors = {f"shard.{i}": p.detach() for i, p in enumerate(params)}
+    adam = [{k: v for k, v in opt.state[p].items()} for p in params]
+    state = {"step": step, "adam": adam, "strategy": strategy.state_dict()}
+    cfg = {"world": strategy.size, "shard_group": strategy.shard_comm.size}
+    save_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors", tensors, cfg, state)
+    ranked = sorted(ckpt_dir.glob(f"rank{strategy.rank}.step*.safetensors"),
+                    key=lambda p: int(re.search(r"step(\d+)\.safetensors$", p.name).group(1)))
+    for old in ranked[:-2]:  # keep two: a restart may need the previous one (see _resume)
+        old.unlink(missing_ok=True)
+
+def _resume(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer) -> int:
+    """Load the newest checkpoint step that every rank has written; 0 when none."""
+    step = strategy.agree_min(_latest_step(ckpt_dir, strategy.rank))
+    if not step:
+        return 0
+    cfg = {"world": strategy.size, "shard_group": strategy.shard_comm.size}
+    weights, _, state = load_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors",
+                                        expected_config=cfg, with_state=True)
+    for i, p in enumerate(strategy.parameters()):
+        p.data.copy_(weights[f"shard.{i}"])
+        opt.state[p] = dict(state["adam"][i])
+    strategy.load_state_dict(state["strategy"])
+    return int(state["step"])
+
+
+def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: Optional[Path] = None,
+              ckpt_every: int = 0, stop_after: Optional[int] = None) -> dict[str, list[float]]:
+    """Train `steps` steps (resuming from ckpt_dir); world-mean loss per step + timings."""
+    model = strategy.wrap(ToyModel(cfg))
+    opt = torch.optim.Adam(strategy.parameters(), lr=cfg.lr)
+    start = _resume(ckpt_dir, strategy, opt) if ckpt_dir else 0
+    out: dict[str, list[float]] = {"step": [], "loss": [], "seconds": [], "wire_bytes": []}
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        tokens = toy_batch(cfg, step)[strategy.batch_slice(cfg.batch_size)]  # [b, T]
+        strategy.before_forward()
+        logits = model(tokens[:, :-1].contiguous())  # [b, T-1, V]
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        strategy.after_backward()
+        strategy.clip_grad_norm_(cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out["step"].append(step + 1)
+        out["loss"].append(strategy.mean(loss.item()))
+        out["seconds"].append(time.perf_counter() - t0)
+        out["wire_bytes"].append(strategy.wire_bytes_last)
+        if ckpt_dir and ckpt_every and (step + 1) % ckpt_every == 0:
+            _save(Path(ckpt_dir), strategy, opt, step + 1)
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    return out
+
+
+def config_dict(cfg: ToyConfig) -> dict:
+    return asdict(cfg)
