@@ -1,54 +1,56 @@
 """One rank of a distributed test job (run by horovodrun from tests/distributed/test_*.py).
 
-Usage: worker.py OUT_JSON STEPS SHARD_GROUP [--powersgd RANK] [--no-ef] [--ckpt DIR EVERY]
-                 [--stop-after N] [--die-rank R --die-step S]
+Usage: worker.py OUT_JSON SHARD_GROUP JOBS_JSON
+JOBS_JSON is a list of {"steps", "powersgd" (rank, 0 = off), "ef", "ckpt", "every", "stop",
+"die_rank", "die_step", "d_model"}; the jobs run one after the other in this Horovod session and
+rank 0 writes the list of their results (world-mean loss per step, ...) to OUT_JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from dalle.config_sections import Distributed, PowerSGD
+from dalle.distributed.launch import under_horovod
 from dalle.distributed.strategy import ShardedStrategy
 from dalle.distributed.toy import ToyConfig, train_toy
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("steps", type=int)
-    ap.add_argument("shard_group", type=int)
-    ap.add_argument("--powersgd", type=int, default=0)
-    ap.add_argument("--no-ef", action="store_true")
-    ap.add_argument("--ckpt", nargs=2, default=None)
-    ap.add_argument("--stop-after", type=int, default=None)
-    ap.add_argument("--die-rank", type=int, default=-1)
-    ap.add_argument("--die-step", type=int, default=0)
-    ap.add_argument("--d-model", type=int, default=64)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    ps = PowerSGD(enabled=args.powersgd > 0, rank=max(args.powersgd, 1),
-                  error_feedback=not args.no_ef, min_compression_dim=8)
-    size = int(os.environ.get("HOROVOD_SIZE", "1"))
-    dist = Distributed(num_proc=size, shard_group_size=args.shard_group, powersgd=ps)
-    strategy = ShardedStrategy.from_config(dist)
-    stop = args.stop_after
-    if strategy.rank == args.die_rank:
-        stop = args.die_step
-    ckpt = (args.ckpt[0], int(args.ckpt[1])) if args.ckpt else (None, 0)
-    from pathlib import Path
-
-    cfg = ToyConfig(d_model=args.d_model)
-    out = train_toy(cfg, strategy, args.steps, Path(ckpt[0]) if ckpt[0] else None, ckpt[1], stop)
-    if strategy.rank == args.die_rank:
-        print(f"rank {strategy.rank}: simulated crash at step {args.die_step}", flush=True)
+def run_job(job: dict[str, Any], groups: Any, size: int, shard_group: int) -> dict[str, Any]:
+    ps = PowerSGD(enabled=job.get("powersgd", 0) > 0, rank=max(job.get("powersgd", 0), 1),
+                  error_feedback=job.get("ef", True), min_compression_dim=8)
+    dist = Distributed(num_proc=size, shard_group_size=shard_group, powersgd=ps)
+    strategy = ShardedStrategy(dist, groups)
+    stop = job.get("stop")
+    dying = strategy.rank == job.get("die_rank", -1)
+    if dying:
+        stop = job["die_step"]
+    ckpt = Path(job["ckpt"]) if job.get("ckpt") else None
+    cfg = ToyConfig(d_model=job.get("d_model", 64))
+    out = train_toy(cfg, strategy, job["steps"], ckpt, job.get("every", 0), stop)
+    if dying:
+        print(f"rank {strategy.rank}: simulated crash at step {job['die_step']}", flush=True)
         os._exit(3)
-    if strategy.is_chief:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh)
+    return out
+
+
+def main() -> None:
+    out_path, shard_group, jobs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    size = int(os.environ.get("HOROVOD_SIZE", "1"))
+    groups = None
+    if under_horovod():
+        from dalle.distributed import horovod as hv
+
+        groups = hv.init_groups(shard_group)
+    results = [run_job(job, groups, size, shard_group) for job in jobs]
+    if groups is None or groups.world.rank == 0:
+        Path(out_path).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
