@@ -224,6 +224,13 @@ def _probe_http(uri: str, timeout: float = 3.0) -> None:
                             "store, or set tracking.enabled: false") from None
 
 
+def check_reachable(configured: Optional[str] = None) -> str:
+    """The tracking URI that would be used; raises TrackingError at once if it is a dead server."""
+    uri = default_uri(configured)
+    _probe_http(uri)
+    return uri
+
+
 def make_client(uri: str) -> Any:
     _probe_http(uri)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter on stderr
