@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,27 +15,9 @@ import pytest
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
 from dalle import tracking  # noqa: E402
+from tests.integration.flow_standins import write_standins  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE = textwrap.dedent("""
-    import json, os
-    from pathlib import Path
-    from dalle.runner import stage_main
-
-    def body(params, tracker):
-        flaky = Path("collect.flaky")
-        if "{name}" == "collect" and flaky.exists():
-            flaky.unlink()
-            raise ConnectionError("transient network error")
-        with open("order.log", "a") as fh:
-            fh.write("{name}\\n")
-        for step in range(3):
-            tracker.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
-        return {{"loss": 1 / 3, "n_layers": params.prior.n_layers, "seen": "{name}"}}
-
-    if __name__ == "__main__":
-        stage_main("{name}", body)
-    """)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +28,7 @@ def harness():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    (tmp_path / "stages").mkdir()
-    for name in ("collect", "dedup", "evaluate"):
-        (tmp_path / "stages" / f"{name}.py").write_text(STAGE.format(name=name))
+    write_standins(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
