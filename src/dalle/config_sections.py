@@ -100,6 +100,8 @@ class Dedup(Section):
     hash_size: int = Field(8, ge=4, le=32)  # imagehash phash size -> hash_size**2 bits
     near_threshold: int = Field(6, ge=0)  # max hamming distance for a near-duplicate
     overlap_threshold: int = Field(8, ge=0)  # val<->train hamming distance counted as overlap
+    crop_scale: float = Field(0.93, gt=0.5, le=1.0)  # extra phashes of crops: crop-robust matching
+    crop_grid: int = Field(3, ge=0, le=5)  # crop_grid x crop_grid crop positions (0: full hash only)
     use_embeddings: bool = False  # contrastive-model embeddings for overlap (paper §3.2)
     embedding_threshold: float = Field(0.95, ge=-1.0, le=1.0)
 

@@ -156,3 +156,28 @@ def nearest_bruteforce(query_bits: np.ndarray, base_bits: np.ndarray,
         idx[s:s + block] = d.argmin(axis=1)
         dist[s:s + block] = d[np.arange(len(d)), idx[s:s + block]]
     return idx, dist
+
+
+def min_per_pair(a: np.ndarray, b: np.ndarray, d: np.ndarray, n_b: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the smallest distance of each (a, b) pair."""
+    code = a.astype(np.int64) * n_b + b
+    order = np.lexsort((d, code))
+    code, d = code[order], d[order]
+    first = np.concatenate(([True], code[1:] != code[:-1])) if code.size else np.zeros(0, bool)
+    return code[first] // n_b, code[first] % n_b, d[first]
+
+
+def pairs_multi(query_bits: np.ndarray, base_bits: np.ndarray, radius: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries [Q, B] against items with several hashes each [N, K, B] (e.g. crops).
+
+    Returns (query, item, distance) for every query within `radius` of ANY hash of an item,
+    with the smallest such distance.
+    """
+    n, k, n_bits = base_bits.shape
+    if n == 0 or len(query_bits) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    q, flat, d = MultiIndex(base_bits.reshape(n * k, n_bits), radius).query(query_bits)
+    return min_per_pair(q, flat // k, d, n)
