@@ -137,7 +137,16 @@ def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: O
             _save(Path(ckpt_dir), strategy, opt, step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             break
+    out["state_bytes"] = [_state_bytes(strategy, opt)]
     return out
+
+
+def _state_bytes(strategy: ShardedStrategy, opt: torch.optim.Optimizer) -> int:
+    """Bytes this rank keeps between steps: its parameter slices + their Adam state."""
+    tensors = list(strategy.parameters())
+    tensors += [t for p in strategy.parameters() for t in opt.state[p].values()
+                if torch.is_tensor(t) and t.ndim]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def config_dict(cfg: ToyConfig) -> dict:
