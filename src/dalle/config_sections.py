@@ -74,14 +74,26 @@ class UrlList(Section):
     min_side: int = Field(32, gt=0)
     max_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb default
     allow_private: bool = False  # loopback/private targets (tests' local server) need opt-in
+    header_names: StrTup = ()  # names for a headerless list, e.g. CC3M's TSV: [caption, url]
+    image_format: Literal["jpg", "png"] = "jpg"  # re-encoding of the resized images
+    jpeg_quality: int = Field(95, ge=1, le=100)
 
 
 class Folder(Section):
-    path: Optional[str] = None
+    path: Optional[str] = None  # a directory of images + sidecar .txt, or COCO captions_*.json
+    min_side: int = Field(32, gt=0)
+    max_pixels: int = Field(89_478_485, gt=0)
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(4, gt=0, le=64)  # decode/resize threads (PIL releases the GIL)
 
 
 class WebDataset(Section):
-    paths: StrTup = ()  # tar shards or globs
+    paths: StrTup = ()  # tar shards or globs (e.g. img2dataset output); one output shard per tar
+    min_side: int = Field(32, gt=0)
+    max_pixels: int = Field(89_478_485, gt=0)
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
 
 
 class Data(Section):

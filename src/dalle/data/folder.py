@@ -1,0 +1,140 @@
+"""The `folder` source: local images with sidecar captions, or COCO-style caption files.
+
+`data.folder.path` may be
+* a directory of images (any depth) where `photo.jpg` has its caption in `photo.txt`;
+* a COCO `captions_*.json` file, or a directory holding such files (top level or `annotations/`).
+  One sample per image: the caption with the lowest annotation id; all captions in its metadata.
+  Images are looked up next to the json, in `<root>/<split>/` (e.g. `val2017/`) and in `<root>/`.
+
+Rows are listed in a sorted, deterministic order; shard i holds rows [i * shard_size, ...), so a
+rerun skips completed shards. Images are normalised by `dalle.data.images` in a thread pool.
+A missing image or caption becomes a failed manifest row, never a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from dalle.config_sections import Data, Paths
+from dalle.data import shards
+from dalle.data.source_common import shard_key, summarise
+from dalle.data.images import IMAGE_EXTS, ImageRejected, process_image
+from dalle.errors import DataError
+
+log = logging.getLogger(__name__)
+SOURCE = "folder"
+
+
+@dataclass(frozen=True)
+class Row:
+    image: Optional[Path]  # None when the image file was not found
+    name: str  # path relative to the root (the manifest's `url`)
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def _coco_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root] if root.suffix == ".json" else []
+    found = sorted(root.glob("captions_*.json")) + sorted(root.glob("annotations/captions_*.json"))
+    return found
+
+
+def _coco_rows(path: Path, root: Path) -> list[Row]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        images, annotations = doc["images"], doc["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"COCO caption file {path} is not valid ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); expected 'images' and 'annotations'") from None
+    split = path.stem.split("captions_", 1)[-1]  # e.g. "val2017"
+    base = root if root.is_dir() else path.parent
+    dirs = [path.parent, path.parent.parent / split, base / split, base]
+    captions: dict[Any, list[tuple[Any, str]]] = {}
+    for ann in annotations:
+        captions.setdefault(ann.get("image_id"), []).append((ann.get("id", 0), str(ann.get("caption", ""))))
+    rows = []
+    for image in sorted(images, key=lambda im: str(im.get("id"))):
+        name = str(image.get("file_name", ""))
+        caps = [c.strip() for _, c in sorted(captions.get(image.get("id"), []))]
+        found = next((d / name for d in dirs if name and (d / name).is_file()), None)
+        meta = {"coco_id": image.get("id"), "coco_split": split, "captions": caps}
+        error = None if found else f"missing_image: {name!r} not found near {path.name}"
+        if found and not caps:
+            error = f"no_caption: image id {image.get('id')} has no annotation"
+        rows.append(Row(found, name, caps[0] if caps else "", meta, error))
+    return rows
+
+
+def _sidecar_rows(root: Path) -> list[Row]:
+    rows = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+        name = image.relative_to(root).as_posix()
+        txt = image.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+        error = None if caption else f"no_caption: {'empty' if txt.is_file() else 'missing'} {txt.name}"
+        rows.append(Row(image, name, caption, {}, error))
+    return rows
+
+
+def list_rows(path_str: Optional[str]) -> list[Row]:
+    """Every sample of the folder, in a deterministic order. DataError when there is none."""
+    if not path_str:
+        raise DataError("data.source is folder but data.folder.path is not set")
+    root = Path(path_str)
+    if not root.exists():
+        raise DataError(f"data.folder.path {root} does not exist")
+    coco = _coco_files(root)
+    rows = [r for f in coco for r in _coco_rows(f, root)] if coco else (
+        _sidecar_rows(root) if root.is_dir() else [])
+    if not rows:
+        raise DataError(f"data.folder.path {root} holds no images ({', '.join(IMAGE_EXTS)}) and "
+                        "no COCO captions_*.json")
+    return rows
+
+
+def load_sample(key: str, row: Row, data_cfg: Data) -> shards.Sample:
+    cfg = data_cfg.folder
+    meta = dict(row.meta, path=row.name)
+    error = row.error
+    if error is None and row.image is not None:
+        try:
+            img = process_image(row.image.read_bytes(), data_cfg.image_size, min_side=cfg.min_side,
+                                max_pixels=cfg.max_pixels, fmt=cfg.image_format,
+                                quality=cfg.jpeg_quality)
+            meta.update(original_width=img.original_width, original_height=img.original_height)
+            return shards.Sample(key=key, caption=row.caption, image_bytes=img.data, ext=img.ext,
+                                 meta=meta, status="ok", error=None, url=row.name, source=SOURCE)
+        except ImageRejected as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"unreadable: {exc.strerror or exc}"
+    return shards.Sample(key=key, caption=row.caption, image_bytes=None, ext=cfg.image_format,
+                         meta=meta, status="failed", error=(error or "unknown")[:500],
+                         url=row.name, source=SOURCE)
+
+
+def collect_folder(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]:
+    """Folder/COCO -> `paths.raw` shards + manifest.parquet; returns metrics."""
+    rows = list_rows(data_cfg.folder.path)
+    out, size = Path(paths.raw), data_cfg.shard_size
+    done = shards.completed_shards(out)
+    split_fn = shards.split_fn(data_cfg)
+    todo = [i for i in range(-(-len(rows) // size)) if i not in done]
+    with ThreadPoolExecutor(max_workers=data_cfg.folder.workers) as pool, tqdm(
+            total=len(rows), desc="collect: folder", unit="img") as bar:
+        bar.update(len(rows) - sum(len(rows[i * size:(i + 1) * size]) for i in todo))
+        for shard in todo:
+            chunk = rows[shard * size:(shard + 1) * size]
+            keys = [shard_key(shard, pos, size) for pos in range(len(chunk))]
+            samples = list(pool.map(lambda kr: load_sample(kr[0], kr[1], data_cfg), zip(keys, chunk)))
+            shards.write_shard(out, shard, samples, split_fn)
+            bar.update(len(chunk))
+    return summarise(out, len(rows), len(todo), tracker, SOURCE)
