@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from dalle.data import shards
 from dalle.errors import DataError
@@ -18,9 +18,11 @@ def shard_key(shard: int, position: int, shard_size: int) -> str:
     return f"{shard:05d}{position:0{width}d}"
 
 
-def summarise(out: Path, n_rows: int, n_new: int, tracker: Any, source: str) -> dict[str, Any]:
+def summarise(out: Path, n_rows: Optional[int], n_new: int, tracker: Any, source: str
+              ) -> dict[str, Any]:
     """finalize() the shards; an empty data set removes the manifest and raises."""
     manifest = shards.finalize(out)
+    n_rows = len(manifest) if n_rows is None else n_rows
     ok = int((manifest["status"] == "ok").sum())
     if ok == 0:
         (out / "manifest.parquet").unlink(missing_ok=True)  # an empty data set is not complete

@@ -1,0 +1,77 @@
+"""The `webdataset` source: existing tar shards (e.g. img2dataset output) ingested as they are.
+
+`data.webdataset.paths` lists tar files or globs, expanded in sorted order. Input tar i becomes
+output shard i (so a rerun skips what is complete). Members are read with `shards.iter_tar`,
+which never extracts anything to disk and refuses unsafe member names (`..`, absolute paths,
+links, devices) with a DataError naming the member: nothing is ever written outside
+`paths.raw`. Images are normalised like every other source (size, RGB, format); the original
+key, url and metadata are kept in the sample's json.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dalle.config_sections import Data, Paths
+from dalle.data import shards
+from dalle.data.images import ImageRejected, process_image
+from dalle.data.source_common import shard_key, summarise
+from dalle.errors import DataError
+
+SOURCE = "webdataset"
+
+
+def input_tars(patterns: tuple[str, ...]) -> list[Path]:
+    if not patterns:
+        raise DataError("data.source is webdataset but data.webdataset.paths is empty")
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        tars = [Path(m) for m in matches if Path(m).is_file()]
+        if not tars:
+            raise DataError(f"data.webdataset.paths entry {pattern!r} matches no tar file")
+        found += [t for t in tars if t not in found]
+    return found
+
+
+def ingest_tar(tar: Path, shard: int, data_cfg: Data, shard_size: int) -> list[shards.Sample]:
+    cfg = data_cfg.webdataset
+    samples = []
+    for pos, (key, ext, image, caption, meta) in enumerate(shards.iter_tar(tar)):
+        meta = dict(meta or {}, source_key=key, source_tar=tar.name)
+        url = str(meta.get("url") or f"{tar.name}#{key}")
+        new_key = shard_key(shard, pos, max(shard_size, pos + 1))
+        error = None if image is not None else f"no_image: member {key} has no image ({ext})"
+        if image is not None:
+            try:
+                img = process_image(image, data_cfg.image_size, min_side=cfg.min_side,
+                                    max_pixels=cfg.max_pixels, fmt=cfg.image_format,
+                                    quality=cfg.jpeg_quality)
+                samples.append(shards.Sample(key=new_key, caption=caption or "", image_bytes=img.data,
+                                             ext=img.ext, meta=meta, status="ok", error=None,
+                                             url=url, source=SOURCE))
+                continue
+            except ImageRejected as exc:
+                error = str(exc)
+        samples.append(shards.Sample(key=new_key, caption=caption or "", image_bytes=None,
+                                     ext=cfg.image_format, meta=meta, status="failed",
+                                     error=error, url=url, source=SOURCE))
+    return samples
+
+
+def collect_webdataset(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]:
+    """Input tars -> `paths.raw` shards (one per input tar) + manifest.parquet; returns metrics."""
+    tars = input_tars(data_cfg.webdataset.paths)
+    out = Path(paths.raw)
+    done = shards.completed_shards(out)
+    split_fn = shards.split_fn(data_cfg)
+    todo = [i for i in range(len(tars)) if i not in done]
+    for shard in tqdm(todo, desc="collect: webdataset", unit="tar"):
+        samples = ingest_tar(tars[shard], shard, data_cfg, data_cfg.shard_size)
+        shards.write_shard(out, shard, samples, split_fn)
+    metrics = summarise(out, None, len(todo), tracker, SOURCE)
+    metrics["input_tars"] = len(tars)
+    return metrics
