@@ -121,3 +121,24 @@ def test_full_state_dict_has_the_unsharded_names_and_values() -> None:
     assert set(full) == set(expected)
     for k, v in expected.items():
         assert torch.equal(full[k], v), k
+
+
+def test_ema_lives_on_the_slices_and_gathers_to_full_weights() -> None:
+    cfg = ToyConfig(n_layers=1, d_model=16)
+    model = ToyModel(cfg)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = ShardedStrategy(Distributed())
+    strategy.wrap(model)
+    strategy.ema_update(0.5)  # first call copies
+    with torch.no_grad():
+        for p in strategy.parameters():
+            p.add_(2.0)
+    strategy.ema_update(0.5)  # -> weights + 1
+    assert [e.shape for e in strategy.ema] == [p.shape for p in strategy.parameters()]
+    ema = strategy.full_state_dict(model, ema=True)
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k], v + 1.0)
+    state = strategy.state_dict()
+    other = ShardedStrategy(Distributed())
+    other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.ema, strategy.ema))

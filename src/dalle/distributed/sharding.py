@@ -145,8 +145,10 @@ class FlatShard:
         return {s.name: flat[s.offset:s.offset + s.shard_numel].view(s.shard_shape)
                 for s in self.slots}
 
-    def gather(self, name: str) -> dict[str, torch.Tensor]:
-        return self.unpack(self.comm.wait(self.comm.allgather_async(self.param.detach(), name)))
+    def gather(self, name: str, flat: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Full tensors of this rank's slice `flat` (default: the parameters) and its peers'."""
+        flat = self.param.detach() if flat is None else flat
+        return self.unpack(self.comm.wait(self.comm.allgather_async(flat, name)))
 
 
 # ----------------------------------------------------------------------------- resblocks

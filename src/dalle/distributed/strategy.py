@@ -37,6 +37,7 @@ class ShardedStrategy:
         self.prefetcher: Optional[Prefetcher] = None
         self.rest: Optional[ShardedRest] = None
         self.wire_bytes_last = 0  # bytes this rank sent across machines in the last step
+        self.ema: list[torch.Tensor] = []  # EMA of this rank's slices (paper §2.2: iterate averaging)
 
     @classmethod
     def from_config(cls, cfg: Distributed) -> "ShardedStrategy":
@@ -131,21 +132,35 @@ class ShardedStrategy:
             return value
         return float(self.world.allreduce_mean(torch.tensor([float(value)]), "metric")[0])
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full weights, named as in the unsharded model (collective: every rank calls it)."""
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * param, on the 1/n slices only."""
+        if not self.ema:
+            self.ema = [p.detach().clone() for p in self.parameters()]
+            return
+        for e, p in zip(self.ema, self.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+
+    def full_state_dict(self, model: nn.Module, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The full weights (or their EMA), named as in the unsharded model (collective)."""
+        flats = self.ema if ema and self.ema else [None] * len(self.shards)
+        by_shard = dict(zip(map(id, self.shards), flats))
         out: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
             if module in self.prefetcher.blocks:
-                full = module.shard.gather(f"agfull.{module.index}")
+                full = module.shard.gather(f"agfull.{module.index}", by_shard[id(module.shard)])
                 out.update({f"{name}.{k}": v.clone() for k, v in full.items()})
-        out.update({k: v.clone() for k, v in self.rest.shard.gather("agfull.rest").items()})
+        rest = self.rest.shard.gather("agfull.rest", by_shard[id(self.rest.shard)])
+        out.update({k: v.clone() for k, v in rest.items()})
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"powersgd": self.psgd.state_dict() if self.psgd else {}}
+        """This rank's training state beyond the optimiser: EMA slices, PowerSGD error buffers."""
+        return {"powersgd": self.psgd.state_dict() if self.psgd else {}, "ema": list(self.ema)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema = [e.clone() for e in state.get("ema") or []]
         errors = state.get("powersgd") or {}
         if self.psgd is not None:
             missing = set(self.psgd.errors) - set(errors)

@@ -31,6 +31,7 @@ class ToyConfig:
     batch_size: int = 16  # global batch, split over all ranks
     lr: float = 3e-3
     grad_clip: float = 4.0
+    ema_decay: float = 0.99
     seed: int = 0
 
 
@@ -129,6 +130,7 @@ def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: O
         strategy.clip_grad_norm_(cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        strategy.ema_update(cfg.ema_decay)
         out["step"].append(step + 1)
         out["loss"].append(strategy.mean(loss.item()))
         out["seconds"].append(time.perf_counter() - t0)
