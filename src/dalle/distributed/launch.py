@@ -67,3 +67,24 @@ def relaunch_if_needed(cfg: Distributed, module: str, args: Optional[Sequence[st
     argv = [sys.executable, "-m", module, *(sys.argv[1:] if args is None else args)]
     proc = subprocess.run(horovodrun_command(cfg, argv), env=child_env())
     return proc.returncode
+
+
+def relaunch_stage(name: str, argv: Optional[Sequence[str]] = None) -> None:
+    """For `stages/<name>.py`, BEFORE `stage_main` opens its MLflow run: when params ask for
+    num_proc > 1 and this is not a Horovod rank, run the stage under horovodrun and exit with its
+    status (rank 0 of the job then tracks the run). Otherwise return and let the stage run here."""
+    from dalle.config import load_params
+    from dalle.runner import fail, parse_stage_args, run_guarded
+
+    args = parse_stage_args(name, argv)
+    if under_horovod():
+        return
+    params = run_guarded(lambda: load_params(args.params, args.preset, args.overrides))
+    if params.distributed.num_proc <= 1:
+        return
+    raw = list(sys.argv[1:] if argv is None else argv)
+    code = run_guarded(lambda: relaunch_if_needed(params.distributed, f"stages.{name}", raw))
+    if code:
+        fail(f"distributed stage {name} failed: horovodrun exited with status {code} "
+             "(the failing rank's output is above)", code=code)
+    raise SystemExit(0)
