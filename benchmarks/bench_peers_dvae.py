@@ -28,17 +28,19 @@ class DvaeShape:
     n_blk_per_group: int
     batch: int
     group_count: int = 4
+    n_init: int = 128
+    dec_n_hid: int = 64
 
 
 def dvae_shapes() -> list[DvaeShape]:
     if quick():
-        return [DvaeShape("quick", 32, 64, 16, 1, 4)]
+        return [DvaeShape("quick", 32, 64, 16, 1, 4, 4, 16, 16)]
     from dalle.config import load_params
 
     d = load_params(peers.ROOT / "params.yaml")
     return [DvaeShape("default", d.data.image_size, d.dvae.vocab_size, d.dvae.n_hid, d.dvae.n_blk_per_group,
-                      d.dvae.batch_size, d.dvae.group_count),
-            DvaeShape("paper-shaped", 256, 8192, 64, 1, 4)]
+                      d.dvae.batch_size, d.dvae.group_count, d.dvae.n_init, d.dvae.dec_n_hid),
+            DvaeShape("paper-shaped", 256, 8192, 64, 1, 4, 4, 128, 64)]
 
 
 def n_params(*modules: torch.nn.Module) -> int:
@@ -46,16 +48,15 @@ def n_params(*modules: torch.nn.Module) -> int:
 
 
 def ours(shape: DvaeShape) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """(module holding all parameters, loss(images) for training, encode(images) -> codes)."""
-    from dalle.models.dvae import Decoder, Encoder
-    from dalle.train.dvae import dvae_loss
+    """(model, loss(images) as train/dvae.py computes it, encode(images) -> argmax codes), channels-last
+    as train_dvae runs it (dvae.channels_last: true)."""
+    from dalle.models.dvae import DiscreteVAE
+    from dalle.train.dvae_loss import elb_terms
 
-    enc = Encoder(group_count=shape.group_count, n_hid=shape.n_hid, n_blk_per_group=shape.n_blk_per_group,
-                  vocab_size=shape.vocab)
-    dec = Decoder(group_count=shape.group_count, n_init=shape.n_hid, n_hid=shape.n_hid,
-                  n_blk_per_group=shape.n_blk_per_group, vocab_size=shape.vocab)
-    both = torch.nn.ModuleDict({"encoder": enc, "decoder": dec}).to(memory_format=torch.channels_last)
-    return both, (lambda x: dvae_loss(enc, dec, x, tau=1.0, beta=6.6)), (lambda x: enc(x).argmax(1))
+    model = DiscreteVAE({"vocab_size": shape.vocab, "n_hid": shape.n_hid, "n_blk_per_group": shape.n_blk_per_group,
+                         "group_count": shape.group_count, "n_init": shape.n_init, "dec_n_hid": shape.dec_n_hid,
+                         "image_size": shape.image_size}).to(memory_format=torch.channels_last)
+    return model, (lambda x: elb_terms(model, x, tau=1.0, beta=6.6).loss), model.encode
 
 
 def dalle_pytorch(shape: DvaeShape, target_params: int):
