@@ -60,13 +60,18 @@ def tail_mean(losses: list[float], n: int = 20) -> float:
 def test_sharded_training_follows_single_process(tmp_path: Path, np_: int, shard_group: int) -> None:
     """Fig. 5 sharding (+ data parallelism across 'machines' at -np 4), compression off."""
     steps = 30
-    proc, result = launch(tmp_path, np_, shard_group, [{"steps": steps}])
+    jobs = [{"steps": steps}] + ([{"steps": steps, "powersgd": 16}] if np_ > shard_group else [])
+    proc, result = launch(tmp_path, np_, shard_group, jobs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = reference_losses(ToyConfig(), steps)
     got = result[0]["loss"]
     assert len(got) == steps
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (got, ref)
     assert ref[-1] < ref[0] - 0.1  # it does train
+    if len(result) > 1:  # sharding + PowerSGD together (each shard compressed with rank 16/2)
+        psgd = result[1]
+        assert psgd["wire_bytes"][0] < 0.6 * result[0]["wire_bytes"][0]
+        assert tail_mean(psgd["loss"], 5) < tail_mean(got, 5) + 0.25
 
 
 def test_powersgd_trains_close_to_uncompressed_and_error_feedback_matters(tmp_path: Path) -> None:

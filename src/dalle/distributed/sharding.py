@@ -80,10 +80,10 @@ def shard_axis(shape: Sequence[int], n: int) -> Optional[int]:
     return next((ax for ax in order if shape[ax] % n == 0), None)
 
 
-def make_slots(named: Sequence[tuple[str, torch.Size]], n: int) -> list[Slot]:
+def make_slots(named: Sequence[tuple[str, Sequence[int]]], n: int) -> list[Slot]:
     slots, offset = [], 0
-    for name, shape in named:
-        shape = tuple(shape)
+    for name, size in named:
+        shape = tuple(size)
         axis = shard_axis(shape, n)
         if axis is None:
             numel = 1
@@ -220,7 +220,9 @@ class ShardedBlock(nn.Module):
         for _, p in named:
             p.data = torch.empty(0)  # the full copy is dropped; functional_call supplies it
             p.requires_grad_(False)
+        self.inner: nn.Module
         object.__setattr__(self, "inner", inner)  # not a submodule: keeps its params out of ours
+        self.prefetcher: Prefetcher
         object.__setattr__(self, "prefetcher", prefetcher)
         self.index = index
 

@@ -78,7 +78,9 @@ class ShardedStrategy:
         if self.world is not None:
             for i, p in enumerate(model.parameters()):
                 self.world.broadcast_(p.data, 0, f"bcast.{i}")
-        self.prefetcher = shard_blocks(model.blocks, self.shard_comm)
+        blocks = model.blocks
+        assert isinstance(blocks, nn.ModuleList), "the model keeps its resblocks in model.blocks"
+        self.prefetcher = shard_blocks(blocks, self.shard_comm)
         self.rest = ShardedRest(model, self.shard_comm)
         self.shards = list(iter_shards(model)) + [self.rest.shard]
         ps = self.cfg.powersgd
@@ -91,40 +93,52 @@ class ShardedStrategy:
     def parameters(self) -> list[nn.Parameter]:
         return [sh.param for sh in self.shards]
 
-    def before_forward(self) -> None:
-        self.prefetcher.drain()
-        self.rest.materialize()
-
-    def after_backward(self) -> None:
-        """Reduce-scatter the rest; average across machines (PowerSGD or plain all-reduce)."""
-        self.rest.scatter_grads()
+    def grads(self) -> list[torch.Tensor]:
+        """The slices' gradients (zeros where a slice got none)."""
         for sh in self.shards:
             if sh.param.grad is None:
                 sh.param.grad = torch.zeros_like(sh.param)
+        return [sh.param.grad for sh in self.shards if sh.param.grad is not None]
+
+    def _wrapped(self) -> tuple[Prefetcher, ShardedRest]:
+        if self.prefetcher is None or self.rest is None:
+            raise RuntimeError("ShardedStrategy.wrap(model) must be called first")
+        return self.prefetcher, self.rest
+
+    def before_forward(self) -> None:
+        prefetcher, rest = self._wrapped()
+        prefetcher.drain()
+        rest.materialize()
+
+    def after_backward(self) -> None:
+        """Reduce-scatter the rest; average across machines (PowerSGD or plain all-reduce)."""
+        self._wrapped()[1].scatter_grads()
+        grads = self.grads()
         if self.data is None:
             self.wire_bytes_last = 0
             return
         if self.psgd is not None:
-            grads = {f"{i}.{k}": v for i, sh in enumerate(self.shards)
-                     for k, v in sh.views(sh.param.grad).items()}
-            self.psgd.reduce(grads, self.data.allreduce_mean)
+            named = {f"{i}.{k}": v for i, (sh, g) in enumerate(zip(self.shards, grads))
+                     for k, v in sh.views(g).items()}
+            self.psgd.reduce(named, self.data.allreduce_mean)
             self.wire_bytes_last = self.psgd.wire_bytes()
             return
-        flat = torch.cat([sh.param.grad for sh in self.shards])
+        flat = torch.cat(grads)
         avg = self.data.allreduce_mean(flat, "grads")
-        for sh, part in zip(self.shards, avg.split([sh.numel for sh in self.shards])):
-            sh.param.grad.copy_(part)
+        for g, part in zip(grads, avg.split([g.numel() for g in grads])):
+            g.copy_(part)
         self.wire_bytes_last = 4 * flat.numel()
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm over the whole model (slices summed over the sharding group)."""
-        sq = torch.stack([sh.param.grad.double().pow(2).sum() for sh in self.shards]).sum()
+        grads = self.grads()
+        sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
         if self.shard_comm.size > 1:
             sq = self.shard_comm.allreduce_sum(sq.reshape(1), "gnorm")[0]
         norm = math.sqrt(float(sq))
         if math.isfinite(norm) and norm > max_norm:
-            for sh in self.shards:
-                sh.param.grad.mul_(max_norm / (norm + 1e-6))
+            for g in grads:
+                g.mul_(max_norm / (norm + 1e-6))
         return norm
 
     def mean(self, value: float) -> float:
@@ -143,14 +157,15 @@ class ShardedStrategy:
 
     def full_state_dict(self, model: nn.Module, ema: bool = False) -> dict[str, torch.Tensor]:
         """The full weights (or their EMA), named as in the unsharded model (collective)."""
-        flats = self.ema if ema and self.ema else [None] * len(self.shards)
+        prefetcher, rest_shard = self._wrapped()[0], self._wrapped()[1].shard
+        flats: list[Optional[torch.Tensor]] = list(self.ema) if ema and self.ema else [None] * len(self.shards)
         by_shard = dict(zip(map(id, self.shards), flats))
         out: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
-            if module in self.prefetcher.blocks:
+            if module in prefetcher.blocks:
                 full = module.shard.gather(f"agfull.{module.index}", by_shard[id(module.shard)])
                 out.update({f"{name}.{k}": v.clone() for k, v in full.items()})
-        rest = self.rest.shard.gather("agfull.rest", by_shard[id(self.rest.shard)])
+        rest = rest_shard.gather("agfull.rest", by_shard[id(rest_shard)])
         out.update({k: v.clone() for k, v in rest.items()})
         return out
 

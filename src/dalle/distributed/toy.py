@@ -79,10 +79,13 @@ def toy_batch(cfg: ToyConfig, step: int) -> torch.Tensor:
     return x
 
 
+def _step_of(path: Path) -> int:
+    m = re.search(r"step(\d+)\.safetensors$", path.name)
+    return int(m.group(1)) if m else -1
+
+
 def _latest_step(ckpt_dir: Path, rank: int) -> int:
-    steps = [int(m.group(1)) for p in ckpt_dir.glob(f"rank{rank}.step*.safetensors")
-             if (m := re.search(r"step(\d+)\.safetensors$", p.name))]
-    return max(steps, default=0)
+    return max((_step_of(p) for p in ckpt_dir.glob(f"rank{rank}.step*.safetensors")), default=0)
 
 
 def _save(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer, step: int) -> None:
@@ -92,8 +95,7 @@ def _save(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer,
     state = {"step": step, "adam": adam, "strategy": strategy.state_dict()}
     cfg = {"world": strategy.size, "shard_group": strategy.shard_comm.size}
     save_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors", tensors, cfg, state)
-    ranked = sorted(ckpt_dir.glob(f"rank{strategy.rank}.step*.safetensors"),
-                    key=lambda p: int(re.search(r"step(\d+)\.safetensors$", p.name).group(1)))
+    ranked = sorted(ckpt_dir.glob(f"rank{strategy.rank}.step*.safetensors"), key=_step_of)
     for old in ranked[:-2]:  # keep two: a restart may need the previous one (see _resume)
         old.unlink(missing_ok=True)
 
@@ -145,7 +147,7 @@ def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: O
 
 def _state_bytes(strategy: ShardedStrategy, opt: torch.optim.Optimizer) -> int:
     """Bytes this rank keeps between steps: its parameter slices + their Adam state."""
-    tensors = list(strategy.parameters())
+    tensors: list[torch.Tensor] = list(strategy.parameters())
     tensors += [t for p in strategy.parameters() for t in opt.state[p].values()
                 if torch.is_tensor(t) and t.ndim]
     return sum(t.numel() * t.element_size() for t in tensors)
