@@ -1,0 +1,229 @@
+"""The shard layer every data source writes through: img2dataset's output layout.
+
+`out_dir/{i:05d}.tar` holds webdataset members `key.png|key.jpg` (image), `key.txt` (caption) and
+`key.json` (metadata); `out_dir/{i:05d}_stats.json` the shard's counts as img2dataset writes them;
+`out_dir/{i:05d}.parquet` the shard's manifest rows, one per ATTEMPTED sample (failed ones too).
+The parquet is written last and atomically: it is the shard's completion marker, so a killed
+collect resumes by skipping the shards whose parquet exists. `finalize` concatenates the shard
+manifests into `out_dir/manifest.parquet`.
+
+Everything written is a function of the samples alone (fixed tar headers, no timestamps), so a
+rerun of the same shard is byte-identical. `iter_tar` reads shards (ours or img2dataset's)
+without extracting anything and refuses unsafe member names.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import pandas as pd
+from PIL import Image
+
+from dalle.errors import DataError
+from dalle.io import atomic_path, write_json
+
+MANIFEST_COLUMNS = ("key", "caption", "source", "url", "status", "error", "sha256", "width",
+                    "height", "split", "shard")
+_DTYPES = {"key": "string", "caption": "string", "source": "string", "url": "string",
+           "status": "string", "error": "string", "sha256": "string", "width": "int32",
+           "height": "int32", "split": "string", "shard": "int32"}
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+_SHARD_RE = re.compile(r"^(\d{5,})\.parquet$")
+
+SplitFn = Callable[[str], str]
+
+
+@dataclass
+class Sample:
+    """One attempted sample; `image_bytes` is None (and `error` set) when it failed."""
+
+    key: str
+    caption: str
+    image_bytes: Optional[bytes]
+    ext: str = "png"
+    meta: dict = field(default_factory=dict)
+    status: str = "ok"
+    error: Optional[str] = None
+    url: Optional[str] = None
+    source: str = ""
+
+
+@dataclass
+class ShardStats:
+    """img2dataset's `{i:05d}_stats.json` fields (without its wall-clock fields)."""
+
+    count: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    status_dict: dict[str, int]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"count": self.count, "successes": self.successes,
+                "failed_to_download": self.failed_to_download,
+                "failed_to_resize": self.failed_to_resize, "status_dict": self.status_dict}
+
+
+def shard_file(out_dir: str | Path, index: int, suffix: str) -> Path:
+    """`out_dir/{index:05d}{suffix}`, e.g. suffix ".tar", ".parquet", "_stats.json"."""
+    return Path(out_dir) / f"{index:05d}{suffix}"
+
+
+def key_fraction(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, key): the basis of the deterministic split."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_fn(data_cfg: Any) -> SplitFn:
+    """key -> "val" when hash(seed, key) < data.val_fraction, else "train"."""
+    seed, fraction = int(data_cfg.seed), float(data_cfg.val_fraction)
+    return lambda key: "val" if key_fraction(key, seed) < fraction else "train"
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed header: byte-identical reruns
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _image_size(data: bytes, key: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
+        raise DataError(f"sample {key!r}: image bytes are not a readable image ({exc})") from None
+
+
+def _row(sample: Sample, split: str, index: int) -> dict[str, Any]:
+    ok = sample.status == "ok" and sample.image_bytes is not None
+    width = height = 0
+    if ok:
+        width, height = _image_size(sample.image_bytes, sample.key)  # type: ignore[arg-type]
+    return {"key": sample.key, "caption": sample.caption, "source": sample.source,
+            "url": sample.url, "status": "ok" if ok else "failed",
+            "error": None if ok else (sample.error or "failed: no image"),
+            "sha256": hashlib.sha256(sample.image_bytes).hexdigest() if ok else None,  # type: ignore[arg-type]
+            "width": width, "height": height, "split": split, "shard": index}
+
+
+def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> a DataFrame with exactly MANIFEST_COLUMNS and fixed dtypes."""
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    return frame.astype(_DTYPES)
+
+
+def write_shard(out_dir: str | Path, index: int, samples: Iterable[Sample],
+                split_fn: SplitFn) -> ShardStats:
+    """Write shard `index`: tar (ok samples), stats json, then atomically the parquet marker."""
+    out = Path(out_dir)
+    rows, seen = [], set()
+    with atomic_path(shard_file(out, index, ".tar")) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                if sample.key in seen or "/" in sample.key or "." in sample.key:
+                    raise DataError(f"shard {index}: sample key {sample.key!r} is duplicated "
+                                    "or contains '/' or '.'")
+                seen.add(sample.key)
+                row = _row(sample, split_fn(sample.key), index)
+                rows.append(row)
+                if row["status"] == "ok":
+                    ext = sample.ext.lower().lstrip(".")
+                    _tar_member(tar, f"{sample.key}.{ext}", sample.image_bytes)  # type: ignore[arg-type]
+                    _tar_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+                    meta = dict(sample.meta, key=sample.key, url=sample.url, caption=sample.caption)
+                    _tar_member(tar, f"{sample.key}.json",
+                                json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
+    frame = manifest_frame(rows)
+    failed = frame.loc[frame["status"] != "ok", "error"].astype(str)
+    kinds = failed.str.split(":").str[0].value_counts()
+    stats = ShardStats(count=len(frame), successes=int((frame["status"] == "ok").sum()),
+                       failed_to_download=int(len(failed) - kinds.get("failed_to_resize", 0)),
+                       failed_to_resize=int(kinds.get("failed_to_resize", 0)),
+                       status_dict={str(k): int(v) for k, v in sorted(kinds.items())})
+    write_json(shard_file(out, index, "_stats.json"), stats.as_json())
+    with atomic_path(shard_file(out, index, ".parquet")) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return stats
+
+
+def completed_shards(out_dir: str | Path) -> set[int]:
+    """Indices of the shards whose parquet (the completion marker) exists."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return set()
+    found = (_SHARD_RE.match(p.name) for p in out.iterdir())
+    return {int(m.group(1)) for m in found if m}
+
+
+def finalize(out_dir: str | Path) -> pd.DataFrame:
+    """Concatenate the shard parquets (in index order) into `out_dir/manifest.parquet`."""
+    out = Path(out_dir)
+    parts = [pd.read_parquet(shard_file(out, i, ".parquet")) for i in sorted(completed_shards(out))]
+    frame = manifest_frame([]) if not parts else pd.concat(parts, ignore_index=True)
+    frame = frame.astype(_DTYPES)
+    with atomic_path(out / "manifest.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+    return frame
+
+
+def _check_member(tar_path: Path, member: tarfile.TarInfo) -> None:
+    name = member.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+        raise DataError(f"{tar_path}: unsafe member name {name!r} (absolute or '..')")
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f"{tar_path}: member {name!r} is a link or device, not a regular file")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first '.' of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+Record = tuple[str, Optional[str], Optional[bytes], Optional[str], dict]
+
+
+def _record(key: str, parts: dict[str, bytes]) -> Record:
+    images = [e for e in parts if e in IMAGE_EXTS]
+    ext = images[0] if images else ",".join(sorted(parts)) or None
+    caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except ValueError:
+        meta = {}
+    return key, ext, (parts[images[0]] if images else None), caption, (
+        meta if isinstance(meta, dict) else {})
+
+
+def iter_tar(path: str | Path) -> Iterator[Record]:
+    """Yield (key, ext, image_bytes|None, caption|None, meta) per sample; never writes anything."""
+    tar_path = Path(path)
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            key: Optional[str] = None
+            parts: dict[str, bytes] = {}
+            for member in tar:
+                _check_member(tar_path, member)
+                if member.isdir():
+                    continue
+                mkey, ext = _split_name(member.name)
+                if key is not None and mkey != key:
+                    yield _record(key, parts)
+                    parts = {}
+                key = mkey
+                handle = tar.extractfile(member)
+                parts[ext] = handle.read() if handle is not None else b""
+            if key is not None:
+                yield _record(key, parts)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{tar_path}: not a readable tar shard ({exc})") from None
