@@ -114,6 +114,9 @@ class Dedup(Section):
     overlap_threshold: int = Field(8, ge=0)  # val<->train hamming distance counted as overlap
     crop_scale: float = Field(0.93, gt=0.5, le=1.0)  # extra phashes of crops: crop-robust matching
     crop_grid: int = Field(3, ge=0, le=5)  # crop_grid x crop_grid crop positions (0: full hash only)
+    # paper §3.2 ranks every val image by its closest train image: exact (all pairs) up to this
+    # many val x train pairs; beyond, only matches within overlap_threshold are found (index)
+    exact_nearest_max_pairs: int = Field(1_000_000_000, ge=0)
     use_embeddings: bool = False  # contrastive-model embeddings for overlap (paper §3.2)
     embedding_threshold: float = Field(0.95, ge=-1.0, le=1.0)
 

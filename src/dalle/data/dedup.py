@@ -293,7 +293,9 @@ def _overlap(cfg: Dedup, paths: Paths, clean: pd.DataFrame, bits: np.ndarray,
     if val_vec is None or train_vec is None:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
             OVERLAP_COLUMNS, ["string", "string", "float64", "string", "bool"])}), threshold
-    return find_overlap(keys[val], val_vec, keys[train], train_vec, threshold, method), threshold
+    table = find_overlap(keys[val], val_vec, keys[train], train_vec, threshold, method,
+                         cfg.exact_nearest_max_pairs)
+    return table, threshold
 
 
 def run_dedup(cfg: Dedup, paths: Paths, tracker: Any, workers: int = 2) -> dict[str, Any]:

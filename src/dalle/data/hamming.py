@@ -18,6 +18,7 @@ from itertools import combinations
 import numpy as np
 
 _BLOCK = 8192  # queries per vectorised block (bounds memory)
+_DIRECT_BITS = 22  # chunks up to this long get a direct-address table (2**22 offsets, 32 MiB)
 
 
 def pack(bits: np.ndarray) -> np.ndarray:
@@ -53,7 +54,8 @@ def choose_chunks(n_bits: int, radius: int, n_items: int) -> int:
         lookups = _n_neighbours(length, radius // m)
         if lookups > 200_000:
             continue
-        cost = m * lookups * (1.0 + 2.0 * n_items / 2.0 ** length)  # a candidate costs ~2 lookups
+        probe = 1.0 if length <= _DIRECT_BITS else 2.0 + math.log2(max(n_items, 2)) / 2  # binsearch
+        cost = m * lookups * (probe + 2.0 * n_items / 2.0 ** length)  # a candidate: ~2 probes
         if cost < best_cost:
             best, best_cost = m, cost
     return best
@@ -84,6 +86,28 @@ def _flip_masks(length: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint64)
 
 
+class _Table:
+    """One chunk's table: rows grouped by chunk value; `ranges` finds a value's rows."""
+
+    def __init__(self, values: np.ndarray, length: int) -> None:
+        self.order = np.argsort(values, kind="stable")
+        self.direct = length <= _DIRECT_BITS
+        if self.direct:  # offsets by value: O(1) lookups
+            counts = np.bincount(values.astype(np.int64), minlength=1 << length)
+            self.starts = np.concatenate(([0], np.cumsum(counts)))
+        else:
+            self.sorted = values[self.order]
+
+    def ranges(self, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first position in `order`, count) of each probed value."""
+        if self.direct:
+            p = probes.astype(np.int64)
+            left = self.starts[p]
+            return left, self.starts[p + 1] - left
+        left = np.searchsorted(self.sorted, probes, side="left")
+        return left, np.searchsorted(self.sorted, probes, side="right") - left
+
+
 class MultiIndex:
     """Exact range search: all base hashes within `radius` bits of each query."""
 
@@ -96,10 +120,8 @@ class MultiIndex:
         self.bounds = _chunk_bounds(self.n_bits, self.m)
         self.tables = []
         for lo, hi in self.bounds:
-            values = _chunk_values(self.words, lo, hi)
-            order = np.argsort(values, kind="stable")
-            masks = _flip_masks(hi - lo, radius // self.m)
-            self.tables.append((values[order], order, masks))
+            table = _Table(_chunk_values(self.words, lo, hi), hi - lo)
+            self.tables.append((table, _flip_masks(hi - lo, radius // self.m)))
 
     def query(self, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query index, base index, distance) of every pair within the radius."""
@@ -113,11 +135,9 @@ class MultiIndex:
     def _query_block(self, bits: np.ndarray, offset: int) -> tuple[np.ndarray, ...]:
         words = pack(bits)  # [Q, W]
         qs, bs = [], []
-        for (lo, hi), (sorted_vals, order, masks) in zip(self.bounds, self.tables):
+        for (lo, hi), (table, masks) in zip(self.bounds, self.tables):
             probes = _chunk_values(words, lo, hi)[:, None] ^ masks[None, :]  # [Q, K]
-            left = np.searchsorted(sorted_vals, probes.ravel(), side="left")
-            right = np.searchsorted(sorted_vals, probes.ravel(), side="right")
-            counts = right - left
+            left, counts = table.ranges(probes.ravel())
             total = int(counts.sum())
             if total == 0:
                 continue
@@ -125,7 +145,7 @@ class MultiIndex:
             starts = np.repeat(left - np.cumsum(counts) + counts, counts)  # [total]
             pos = starts + np.arange(total)
             qs.append(np.repeat(q_of_probe, counts))
-            bs.append(order[pos])
+            bs.append(table.order[pos])
         if not qs:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
@@ -144,17 +164,29 @@ def self_pairs(bits: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, n
     return q[keep], b[keep], d[keep]
 
 
-def nearest_bruteforce(query_bits: np.ndarray, base_bits: np.ndarray,
-                       block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest base hash of every query (compares all pairs; for modest sizes)."""
+def nearest_bruteforce(query_bits: np.ndarray, base_bits: np.ndarray, block: int = 8,
+                       threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest base hash of every query: compares all Q x N pairs (blocks, threads).
+
+    Small query blocks keep the [block, N] XOR in cache (8 rows: 5x faster than 256).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     q_words, b_words = pack(query_bits), pack(base_bits)  # [Q, W], [N, W]
     idx = np.zeros(len(q_words), dtype=np.int64)
     dist = np.zeros(len(q_words), dtype=np.int64)
-    for s in range(0, len(q_words), block):
-        d = np.bitwise_count(q_words[s:s + block, None, :] ^ b_words[None, :, :]).sum(
-            axis=-1, dtype=np.int64)  # [block, N]
-        idx[s:s + block] = d.argmin(axis=1)
-        dist[s:s + block] = d[np.arange(len(d)), idx[s:s + block]]
+
+    def run(s: int) -> None:
+        if b_words.shape[1] == 1:  # 64-bit hashes: popcounts fit uint8, no reduction
+            d = np.bitwise_count(q_words[s:s + block, 0, None] ^ b_words[None, :, 0])  # [block, N]
+        else:
+            d = np.bitwise_count(q_words[s:s + block, None, :] ^ b_words[None, :, :]).sum(
+                axis=-1, dtype=np.int64)  # [block, N]
+        best = d.argmin(axis=1)
+        idx[s:s + block], dist[s:s + block] = best, d[np.arange(len(d)), best]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # numpy ufuncs release the GIL
+        list(pool.map(run, range(0, len(q_words), block)))
     return idx, dist
 
 
