@@ -40,7 +40,7 @@ def dvae_shapes() -> list[DvaeShape]:
     d = load_params(peers.ROOT / "params.yaml")
     return [DvaeShape("default", d.data.image_size, d.dvae.vocab_size, d.dvae.n_hid, d.dvae.n_blk_per_group,
                       d.dvae.batch_size, d.dvae.group_count, d.dvae.n_init, d.dvae.dec_n_hid),
-            DvaeShape("paper-shaped", 256, 8192, 64, 1, 4, 4, 128, 64)]
+            DvaeShape("paper-shaped", 256, 8192, 64, 1, 2, 4, 128, 64)]
 
 
 def n_params(*modules: torch.nn.Module) -> int:
@@ -73,10 +73,23 @@ def dalle_pytorch(shape: DvaeShape, target_params: int):
     return vae, (lambda x: vae(x, return_loss=True)), vae.get_codebook_indices
 
 
+def flops_per_image(step_loss: Callable[[torch.Tensor], torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
+                    images: torch.Tensor) -> tuple[float, float]:
+    """(training FLOPs, encode FLOPs) of one image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step_loss(images[:1]).backward()
+    train = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        encode(images[:1])
+    return float(train), float(fc.get_total_flops())
+
+
 def contenders(shape: DvaeShape, images: torch.Tensor):
-    """{impl: (train_step, encode)}, peak RSS per impl, parameter counts."""
+    """{impl: (train_step, encode)}, peak RSS per impl, parameter counts, FLOPs per image."""
     peers.preimport()
-    built, rss, sizes = {}, {}, {}
+    built, rss, sizes, flops = {}, {}, {}, {}
     for impl in ("dalle", "dalle-pytorch"):
         try:
             with peak_rss() as mem:
@@ -90,23 +103,30 @@ def contenders(shape: DvaeShape, images: torch.Tensor):
 
                 step()
             built[impl], rss[impl], sizes[impl] = (step, encode), mem.delta_mb, n_params(model)
+            flops[impl] = flops_per_image(loss, encode, images)
+            opt.zero_grad(set_to_none=True)
         except ImportError as exc:
             emit("dvae_train", shape.name, impl, "images/s", None, note=f"unavailable: {exc}")
-    return built, rss, sizes
+    return built, rss, sizes, flops
 
 
 def bench_shape(shape: DvaeShape) -> None:
     images = torch.rand(shape.batch, 3, shape.image_size, shape.image_size).contiguous(memory_format=torch.channels_last)
-    built, rss, sizes = contenders(shape, images)
-    repeats = 1 if quick() else 3
+    built, rss, sizes, flops = contenders(shape, images)
+    repeats = 1 if quick() else 3 if shape.image_size <= 64 else 2
     train = time_interleaved({k: v[0] for k, v in built.items()}, repeats=repeats, warmup=0)
     with torch.no_grad():
         enc = time_interleaved({k: (lambda f=v[1]: f(images)) for k, v in built.items()}, repeats=repeats, warmup=1)
     size = f"{shape.image_size}px, {shape.vocab} codes, batch {shape.batch}, {threads()} threads, fp32"
     for impl in built:
+        f_train, f_enc = flops[impl]
         note = f"{size}, {sizes[impl] / 1e6:.2f} M params"
-        emit("dvae_train", shape.name, impl, "images/s", shape.batch / train[impl], peak_rss_mb=rss[impl], note=note)
-        emit("dvae_encode", shape.name, impl, "images/s", shape.batch / enc[impl], note=note)
+        emit("dvae_train", shape.name, impl, "images/s", shape.batch / train[impl], peak_rss_mb=rss[impl],
+             note=f"{note}, {f_train / 1e9:.2f} GFLOP/img")
+        emit("dvae_train", shape.name, impl, "GFLOP/s", shape.batch * f_train / train[impl] / 1e9,
+             note="achieved: FLOPs counted by torch FlopCounterMode; the architectures differ in FLOPs/img")
+        emit("dvae_encode", shape.name, impl, "images/s", shape.batch / enc[impl], note=f"{note}, {f_enc / 1e9:.3f} GFLOP/img")
+        emit("dvae_encode", shape.name, impl, "GFLOP/s", shape.batch * f_enc / enc[impl] / 1e9, note="achieved")
 
 
 def main() -> None:
