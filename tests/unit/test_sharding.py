@@ -142,3 +142,30 @@ def test_ema_lives_on_the_slices_and_gathers_to_full_weights() -> None:
     other = ShardedStrategy(Distributed())
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.ema, strategy.ema))
+
+
+class MaskedBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("bias_buf", torch.ones(8))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return x + scale * self.lin(x) * mask + self.bias_buf
+
+
+def test_extra_arguments_and_buffers_pass_through() -> None:
+    plain = torch.nn.ModuleList([MaskedBlock()])
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    x = torch.randn(2, 8, requires_grad=True)
+    mask = (torch.arange(8) % 2).float()
+    plain[0](x, mask, scale=0.5).sum().backward()
+    ref_gx, ref_gw = x.grad.clone(), plain[0].lin.weight.grad.clone()
+    x.grad = None
+    sharded = torch.nn.ModuleList([MaskedBlock()])
+    sharded.load_state_dict(state)
+    shard_blocks(sharded, LocalComm())
+    y = sharded[0](x, mask, scale=0.5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, ref_gx)
+    torch.testing.assert_close(sharded[0].shard.views(sharded[0].flat.grad)["lin.weight"], ref_gw)

@@ -183,12 +183,12 @@ class Prefetcher:
 class _GatherCompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, shard: torch.Tensor, block: "ShardedBlock",
-                *args: Any) -> torch.Tensor:
-        ctx.block, ctx.args = block, args
+                kwargs: dict[str, Any], *args: Any) -> torch.Tensor:
+        ctx.block, ctx.args, ctx.kwargs = block, args, kwargs
         ctx.save_for_backward(x)
         params = block.prefetcher.full_params(block.index, +1)
         with torch.no_grad():
-            out = functional_call(block.inner, params, (x, *args))
+            out = functional_call(block.inner, params, (x, *args), kwargs)
         return out  # full params go out of scope here: freed
 
     @staticmethod
@@ -199,14 +199,14 @@ class _GatherCompute(torch.autograd.Function):
                   block.prefetcher.full_params(block.index, -1).items()}
         x = x.detach().requires_grad_(x.requires_grad)
         with torch.enable_grad():  # recompute the block (activation checkpointing, §2.4)
-            out = functional_call(block.inner, params, (x, *ctx.args))
+            out = functional_call(block.inner, params, (x, *ctx.args), ctx.kwargs)
         inputs = ([x] if x.requires_grad else []) + list(params.values())
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         gx = grads[0] if x.requires_grad else None
         pg = {k: (g if g is not None else torch.zeros_like(v))
               for (k, v), g in zip(params.items(), grads[len(inputs) - len(params):])}
         g_shard = block.shard.comm.reducescatter_mean(block.shard.pack(pg), f"rs.{block.index}")
-        return (gx, g_shard.view_as(block.shard.param), None, *([None] * len(ctx.args)))
+        return (gx, g_shard.view_as(block.shard.param), None, None, *([None] * len(ctx.args)))
 
 
 class ShardedBlock(nn.Module):
@@ -226,8 +226,9 @@ class ShardedBlock(nn.Module):
         object.__setattr__(self, "prefetcher", prefetcher)
         self.index = index
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        return _GatherCompute.apply(x, self.flat, self, *args)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Extra arguments (masks, flags) are passed through as constants (no gradient)."""
+        return _GatherCompute.apply(x, self.flat, self, kwargs, *args)
 
 
 def shard_blocks(blocks: nn.ModuleList, comm: ShardComm) -> Prefetcher:
