@@ -169,3 +169,49 @@ def test_extra_arguments_and_buffers_pass_through() -> None:
     y.sum().backward()
     torch.testing.assert_close(x.grad, ref_gx)
     torch.testing.assert_close(sharded[0].shard.views(sharded[0].flat.grad)["lin.weight"], ref_gw)
+
+
+class LoggingComm(LocalComm):
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> object:
+        self.log.append(f"issue {name}")
+        return (name, tensor)
+
+    def wait(self, handle: object) -> torch.Tensor:
+        name, tensor = handle  # type: ignore[misc]
+        self.log.append(f"wait {name}")
+        return tensor
+
+    def reducescatter_mean(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        self.log.append(name)
+        return tensor
+
+
+class LoggedBlock(torch.nn.Module):
+    def __init__(self, log: list[str], i: int) -> None:
+        super().__init__()
+        self.lin, self.log, self.i = torch.nn.Linear(4, 4), log, i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(f"compute {self.i}")
+        return x + self.lin(x)
+
+
+def test_next_block_is_gathered_while_the_current_one_computes() -> None:
+    log: list[str] = []
+    blocks = torch.nn.ModuleList([LoggedBlock(log, i) for i in range(3)])
+    shard_blocks(blocks, LoggingComm(log))
+    x = torch.randn(2, 4, requires_grad=True)
+    y = x
+    for b in blocks:
+        y = b(y)
+    # block i+1's gather is in flight before block i even waits for its own
+    assert log == ["issue ag.0", "issue ag.1", "wait ag.0", "compute 0",
+                   "issue ag.2", "wait ag.1", "compute 1", "wait ag.2", "compute 2"]
+    log.clear()
+    y.sum().backward()
+    # backward: re-gather (prefetching block i-1), recompute, reduce-scatter the gradients
+    assert log == ["issue ag.2", "issue ag.1", "wait ag.2", "compute 2", "rs.2",
+                   "issue ag.0", "wait ag.1", "compute 1", "rs.1", "wait ag.0", "compute 0", "rs.0"]
