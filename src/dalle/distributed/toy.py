@@ -7,7 +7,6 @@ every rank has.
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.distributed.strategy import ShardedStrategy
-from dalle.io import load_checkpoint, save_checkpoint
+from dalle.distributed.checkpoint import resume_rank, save_rank
 
 
 @dataclass(frozen=True)
@@ -79,47 +78,12 @@ def toy_batch(cfg: ToyConfig, step: int) -> torch.Tensor:
     return x
 
 
-def _step_of(path: Path) -> int:
-    m = re.search(r"step(\d+)\.safetensors$", path.name)
-    return int(m.group(1)) if m else -1
-
-
-def _latest_step(ckpt_dir: Path, rank: int) -> int:
-    return max((_step_of(p) for p in ckpt_dir.glob(f"rank{rank}.step*.safetensors")), default=0)
-
-
-def _save(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer, step: int) -> None:
-    params = strategy.parameters()
-    tensors = {f"shard.{i}": p.detach() for i, p in enumerate(params)}
-    adam = [{k: v for k, v in opt.state[p].items()} for p in params]
-    state = {"step": step, "adam": adam, "strategy": strategy.state_dict()}
-    cfg = {"world": strategy.size, "shard_group": strategy.shard_comm.size}
-    save_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors", tensors, cfg, state)
-    ranked = sorted(ckpt_dir.glob(f"rank{strategy.rank}.step*.safetensors"), key=_step_of)
-    for old in ranked[:-2]:  # keep two: a restart may need the previous one (see _resume)
-        old.unlink(missing_ok=True)
-
-def _resume(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer) -> int:
-    """Load the newest checkpoint step that every rank has written; 0 when none."""
-    step = strategy.agree_min(_latest_step(ckpt_dir, strategy.rank))
-    if not step:
-        return 0
-    cfg = {"world": strategy.size, "shard_group": strategy.shard_comm.size}
-    weights, _, state = load_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors",
-                                        expected_config=cfg, with_state=True)
-    for i, p in enumerate(strategy.parameters()):
-        p.data.copy_(weights[f"shard.{i}"])
-        opt.state[p] = dict(state["adam"][i])
-    strategy.load_state_dict(state["strategy"])
-    return int(state["step"])
-
-
 def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: Optional[Path] = None,
               ckpt_every: int = 0, stop_after: Optional[int] = None) -> dict[str, list[float]]:
     """Train `steps` steps (resuming from ckpt_dir); world-mean loss per step + timings."""
     model = strategy.wrap(ToyModel(cfg))
     opt = torch.optim.Adam(strategy.parameters(), lr=cfg.lr)
-    start = _resume(ckpt_dir, strategy, opt) if ckpt_dir else 0
+    start = resume_rank(ckpt_dir, strategy, opt)[0] if ckpt_dir else 0
     out: dict[str, list[float]] = {"step": [], "loss": [], "seconds": [], "wire_bytes": []}
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -138,7 +102,7 @@ def train_toy(cfg: ToyConfig, strategy: ShardedStrategy, steps: int, ckpt_dir: O
         out["seconds"].append(time.perf_counter() - t0)
         out["wire_bytes"].append(strategy.wire_bytes_last)
         if ckpt_dir and ckpt_every and (step + 1) % ckpt_every == 0:
-            _save(Path(ckpt_dir), strategy, opt, step + 1)
+            save_rank(Path(ckpt_dir), strategy, opt, step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             break
     out["state_bytes"] = [_state_bytes(strategy, opt)]
