@@ -1,0 +1,174 @@
+"""The sparse transformer prior over [text | image] tokens (paper §2.2, App. B.1).
+
+Stream: text tokens (text_len, BPE vocab; positions past the caption hold a learned padding
+token per position, paper §2.2) then image tokens (grid², dVAE vocab) with row + column position
+embeddings. Input is the stream minus its last token; the output at position p predicts token
+p + 1, so the last text position predicts the first image token. Text outputs score only the text
+vocabulary and image outputs only the image vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle.models.attention import SelfAttention, layer_kinds, stream_mask
+from dalle.train.grad_scale import BlockScale, scaled_branch
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values) [B, H, L, Dh]
+
+
+class ResBlock(nn.Module):
+    """Pre-LN resblock: x + attn(ln(x)) then + mlp(ln(.)); one unit for gradient scaling."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
+                                 nn.Linear(mlp_ratio * d_model, d_model), nn.Dropout(dropout))
+        self.grad_scale: Optional[BlockScale] = None  # set by ResblockScaler (paper §2.4)
+
+    def _branch(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.ln1(x), mask)  # [B, L, D]
+        return a + self.mlp(self.ln2(x + a))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return scaled_branch(self._branch, x, self.grad_scale, mask)
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        a = self.attn(self.ln1(x), mask, cache)
+        h = x + a
+        return h + self.mlp(self.ln2(h))
+
+    def step(self, x: torch.Tensor, pos: int, cache: tuple[torch.Tensor, torch.Tensor],
+             mask_row: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn.step(self.ln1(x), pos, cache, mask_row)
+        return h + self.mlp(self.ln2(h))
+
+
+class DalleTransformer(nn.Module):
+    def __init__(self, text_vocab: int, text_len: int, image_vocab: int, grid: int, n_layers: int,
+                 d_model: int, n_heads: int, mlp_ratio: int = 4, attention: str = "sparse",
+                 conv_kernel: int = 11, dropout: float = 0.0, checkpointing: bool = False) -> None:
+        super().__init__()
+        self.text_vocab, self.text_len, self.image_vocab, self.grid = text_vocab, text_len, image_vocab, grid
+        self.kinds = layer_kinds(n_layers, attention)
+        self.conv_kernel, self.checkpointing = conv_kernel, checkpointing
+        self.text_emb = nn.Embedding(text_vocab + text_len, d_model)  # + one pad token per position
+        self.text_pos = nn.Embedding(text_len, d_model)
+        self.image_emb = nn.Embedding(image_vocab, d_model)
+        self.row_emb, self.col_emb = nn.Embedding(grid, d_model), nn.Embedding(grid, d_model)
+        self.blocks = nn.ModuleList(ResBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, text_vocab + image_vocab)  # [text | image] vocabularies
+        self._masks: dict[tuple[str, str], torch.Tensor] = {}
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2 style: residual projections scaled by depth
+            for lin in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.grid * self.grid
+
+    def mask(self, kind: str, device: torch.device) -> torch.Tensor:
+        """Bool [T+N, T+N] stream mask of one pattern, cached per device (not in the state dict)."""
+        key = (kind, str(device))
+        if key not in self._masks:
+            self._masks[key] = stream_mask(kind, self.text_len, self.grid, self.conv_kernel).to(device)
+        return self._masks[key]
+
+    def embed_text(self, text_ids: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
+        """text_ids [B, T] (pad -1), lengths [B] -> [B, T, D] with per-position pad tokens."""
+        pos = torch.arange(self.text_len, device=text_ids.device)
+        ids = torch.where(pos[None] < text_lengths[:, None], text_ids.clamp(min=0), self.text_vocab + pos[None])
+        return self.text_emb(ids) + self.text_pos(pos)[None]
+
+    def embed_image(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """tokens [B, n] at image positions start.. -> [B, n, D] (+ row and column embeddings)."""
+        idx = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return self.image_emb(tokens) + self.row_emb(idx // self.grid)[None] + self.col_emb(idx % self.grid)[None]
+
+    def hidden(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, L, D] of the stream text + image_tokens (any prefix length)."""
+        x = torch.cat([self.embed_text(text_ids, text_lengths), self.embed_image(image_tokens)], 1)
+        length = x.shape[1]
+        for block, kind in zip(self.blocks, self.kinds):
+            mask = self.mask(kind, x.device)[:length, :length]
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return self.ln_f(x)
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.head.weight[:self.text_vocab], self.head.bias[:self.text_vocab])
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.head.weight[self.text_vocab:], self.head.bias[self.text_vocab:])
+
+    def forward(self, text_ids: torch.Tensor, text_lengths: torch.Tensor,
+                image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> text logits [B, T-1, Vt] (predicting text 1..T-1), image logits [B, N, Vi] (image 0..N-1)."""
+        h = self.hidden(text_ids, text_lengths, image_tokens[:, :-1])  # [B, T+N-1, D]
+        t = self.text_len
+        return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t - 1:])
+
+    # ------------------------------------------------------------------ KV-cached decoding
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """Preallocated keys/values for the whole stream, per layer."""
+        a = self.blocks[0].attn
+        shape = (batch, a.n_heads, self.seq_len, a.d_head)
+        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                for _ in self.blocks]
+
+    def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedded prefix x [B, P, D] -> last hidden state [B, D]; fills cache[:, :, :P]."""
+        p = x.shape[1]
+        for block, kind, kv in zip(self.blocks, self.kinds, cache):
+            x = block.prefill(x, self.mask(kind, x.device)[:p, :p], kv)
+        return self.ln_f(x[:, -1])
+
+    def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """Embedded token x [B, 1, D] at stream position pos -> hidden [B, D] (mask row of pos)."""
+        for block, kind, kv in zip(self.blocks, self.kinds, cache):
+            x = block.step(x, pos, kv, self.mask(kind, x.device)[pos, :pos + 1])
+        return self.ln_f(x[:, -1])
+
+
+def build_prior(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int, grid: int) -> DalleTransformer:
+    """The prior of a `Prior` config section; its resblocks are `model.blocks`."""
+    c = prior_cfg
+    return DalleTransformer(text_vocab, text_len, image_vocab, grid, c.n_layers, c.d_model, c.n_heads,
+                            c.mlp_ratio, c.attention, c.conv_kernel, c.dropout, c.checkpointing)
+
+
+def model_config(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int, grid: int) -> dict[str, Any]:
+    """What a prior checkpoint records (and is checked against when loaded)."""
+    keys = ("n_layers", "d_model", "n_heads", "mlp_ratio", "attention", "conv_kernel")
+    return {"text_vocab": text_vocab, "text_len": text_len, "image_vocab": image_vocab, "grid": grid,
+            **{k: getattr(prior_cfg, k) for k in keys}}
+
+
+def from_config(cfg: dict[str, Any]) -> DalleTransformer:
+    return DalleTransformer(cfg["text_vocab"], cfg["text_len"], cfg["image_vocab"], cfg["grid"], cfg["n_layers"],
+                            cfg["d_model"], cfg["n_heads"], cfg["mlp_ratio"], cfg["attention"], cfg["conv_kernel"])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; the paper's 12B is the resblocks' count (Table 1)."""
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in model.blocks.parameters())  # type: ignore[union-attr]
+    return total, blocks
