@@ -56,7 +56,8 @@ def dalle_pytorch_extrapolated(model: torch.nn.Module, shape: peers.Shape, text:
     n_points = sorted({round(i * (shape.image_len - 1) / (points - 1)) for i in range(points)})
     fns = {n: (lambda n=n: dalle_pytorch_step(model, text, image[:, :n])) for n in n_points}
     with torch.no_grad():
-        t = time_interleaved(fns, repeats=repeats, warmup=1)
+        fns[n_points[0]]()  # warm-up
+        t = time_interleaved(fns, repeats=repeats, warmup=0)
     x = torch.tensor(n_points, dtype=torch.float64)
     y = torch.tensor([t[n] for n in n_points], dtype=torch.float64)
     coef = torch.linalg.lstsq(torch.stack([x**0, x, x**2], 1), y[:, None]).solution[:, 0]
@@ -102,7 +103,7 @@ def bench_dalle_pytorch(shape: peers.Shape, text: torch.Tensor, image: torch.Ten
                                                repeats=1, warmup=0)["g"]
                 how = "generate_images timed end to end (incl. its VAE decode)"
             else:
-                seconds = dalle_pytorch_extrapolated(model, shape, text, image, repeats=1 if quick() else 2)
+                seconds = dalle_pytorch_extrapolated(model, shape, text, image, repeats=1)
                 how = "no cache; 6 step lengths timed, fitted quadratic summed over all steps"
         emit("sampling", shape.name, "dalle-pytorch", "s", seconds, higher_is_better=False,
              peak_rss_mb=mem.delta_mb, note=f"{setting}, {how}")
