@@ -1,0 +1,89 @@
+"""Held-out evaluation and saving of a trained dVAE: recon MSE, codebook usage, oracle accuracy."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dalle.config_sections import Paths
+from dalle.io import atomic_path, save_checkpoint, write_json
+from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, to_float
+from dalle.train.dvae_loss import codebook_usage
+
+log = logging.getLogger("dalle.dvae")
+ORACLE_LIMIT = 1000  # val images scored by the oracle (its cost is per image)
+
+
+@torch.no_grad()
+def reconstruct(model: DiscreteVAE, images: np.ndarray,
+                batch_size: int = 256) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 [N, H, W, 3] -> (reconstructions uint8 [N, H, W, 3], argmax codes long [N, h*w])."""
+    recs, codes = [], []
+    for i in range(0, len(images), batch_size):
+        x = to_float(torch.from_numpy(images[i:i + batch_size]))  # [B, 3, H, W]
+        z = model.encode(x)  # [B, h*w], argmax (paper §2.2)
+        recs.append((model.decode(z) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+        codes.append(z)
+    return torch.cat(recs).numpy(), torch.cat(codes)
+
+
+def _oracle() -> Optional[Callable[..., dict]]:
+    try:
+        from dalle.eval.oracle import score
+    except ImportError:
+        log.warning("dalle.eval.oracle is not available; skipping oracle accuracy")
+        return None
+    return score
+
+
+def oracle_accuracy(captions: list[str], images: np.ndarray) -> Optional[float]:
+    """Fraction of images the synthetic-world oracle reads as matching their caption exactly."""
+    score = _oracle()
+    if score is None or not captions:
+        return None
+    n = min(len(captions), len(images), ORACLE_LIMIT)
+    return float(np.mean([bool(score(captions[i], images[i])["all_correct"]) for i in range(n)]))
+
+
+def write_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
+    """PNG: top row originals, bottom row reconstructions."""
+    n = min(n, len(originals))
+    top = np.concatenate(list(originals[:n]), axis=1)  # [H, n*W, 3]
+    bottom = np.concatenate(list(recons[:n]), axis=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate([top, bottom], axis=0)).save(tmp, format="PNG")
+    return path
+
+
+def evaluate_dvae(model: DiscreteVAE, val_images: np.ndarray, val_captions: list[str],
+                  paths: Paths, tracker: Any) -> dict[str, Any]:
+    val = as_rgb_uint8(val_images, model.config["image_size"], "val")
+    recs, codes = reconstruct(model, val)
+    mse = float(((recs.astype(np.float32) - val.astype(np.float32)) / 255).__pow__(2).mean())
+    usage = codebook_usage(codes, model.vocab_size)
+    metrics: dict[str, Any] = {"val_recon_mse": mse, "val_perplexity": usage["perplexity"],
+                               "val_perplexity_frac": usage["perplexity"] / model.vocab_size,
+                               "val_codes_used": usage["codes_used"], "n_val": len(val)}
+    acc = oracle_accuracy(val_captions, recs)
+    if acc is not None:
+        metrics["oracle_all_correct_recon"] = acc
+        metrics["oracle_all_correct_originals"] = oracle_accuracy(val_captions, val)
+    grid = write_grid(Path(paths.models) / "dvae_recon.png", val, recs)
+    tracker.log_artifact(grid, "dvae")
+    return metrics
+
+
+def save_dvae(model: DiscreteVAE, paths: Paths, tracker: Any = None) -> Path:
+    """models/dvae.safetensors (weights `encoder.`/`decoder.` + config) and models/dvae.json."""
+    out = Path(paths.models) / "dvae.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(out, state, model.config)
+    write_json(out.with_suffix(".json"), model.config)
+    if tracker is not None:
+        tracker.register_model("dvae", [out, out.with_suffix(".json")],
+                               description="DALL-E discrete VAE (EMA weights)")
+    return out

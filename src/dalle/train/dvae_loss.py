@@ -1,0 +1,51 @@
+"""The dVAE evidence lower bound and codebook statistics (paper §2.1, App. A.2-A.3)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dalle.models.dvae import DiscreteVAE, logit_laplace_log_prob, map_pixels, unmap_pixels
+
+
+@dataclass
+class ElbTerms:
+    loss: torch.Tensor  # scalar to minimise: (nll + beta * kl) / (H*W*3), mean over batch
+    nll: torch.Tensor  # reconstruction -ln p(x|z) per dimension (nats/dim)
+    kl: torch.Tensor  # KL(q(z|x) || uniform) per dimension (nats/dim)
+    mse: torch.Tensor  # squared error of unmap(sigmoid(mu)) in [0,1] pixels
+    codes: torch.Tensor  # argmax codes [B, h*w] of this batch, for usage statistics
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q || U(K)) summed over grid positions: logits [B, K, h, w] -> [B]."""
+    log_q = F.log_softmax(logits, dim=1)  # [B, K, h, w]
+    kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(dim=1)  # [B, h, w]
+    return kl.flatten(1).sum(1)
+
+
+def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float) -> ElbTerms:
+    """images: float [B, 3, H, W] in [0,1]. Paper §2.1: gumbel-softmax relaxation at temperature
+    tau, KL weight beta; App. A.2: the loss is divided by H*W*3 (beta/192 at 256^2, 32^2 grid)."""
+    x = map_pixels(images)  # paper App. A.3: eps-mapped pixels
+    logits = model.encoder(x).float()  # [B, K, h, w]
+    z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)  # relaxed one-hot [B, K, h, w]
+    mu, ln_b = model.decode_stats(z)  # each [B, 3, H, W]
+    n_dims = images[0].numel()  # H*W*3
+    nll = -logit_laplace_log_prob(x.float(), mu, ln_b).flatten(1).sum(1) / n_dims  # [B]
+    kl = kl_to_uniform(logits) / n_dims  # [B]
+    loss = (nll + beta * kl).mean()
+    with torch.no_grad():
+        mse = (unmap_pixels(torch.sigmoid(mu)) - images.float()).pow(2).mean()
+    return ElbTerms(loss, nll.mean().detach(), kl.mean().detach(), mse,
+                    logits.detach().argmax(1).flatten(1))
+
+
+def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """Perplexity exp(H(usage)) of the code histogram and the fraction of codes used at least once."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=vocab_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {"perplexity": math.exp(entropy), "codes_used": float((counts > 0).double().mean())}
