@@ -102,6 +102,7 @@ class Data(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     shard_size: int = Field(1000, gt=0)
     seed: int = 0
+    eval_captions: int = Field(200, gt=0)  # captions per combo kind in eval_captions.parquet
     synthetic: Synthetic
     url_list: UrlList = UrlList()
     folder: Folder = Folder()
