@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dalle.distributed.powersgd import PowerSGD, compression_rate, make_plan, shard_rank
-from dalle.distributed.sharding import make_slots
+from dalle.distributed.sharding import shard_shapes
 from dalle.distributed.toy import ToyBlock
 from dalle.errors import CheckpointError
 
@@ -24,20 +24,31 @@ class Recorder:
         return t
 
 
-def paper_shard_shapes(d: int, m: int = 8) -> dict[str, tuple[int, ...]]:
+class FusedBlock(torch.nn.Module):
+    """The prior's layout: one fused qkv [3d, d], the output projection, the 4x MLP."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+
+def paper_shard_shapes(d: int, fused: bool, m: int = 8) -> dict[str, tuple[int, ...]]:
     """The weight matrices of one resblock (q, k, v, o, MLP in/out) as sharded over m GPUs."""
     with torch.device("meta"):
-        block = ToyBlock(d, 1)
-    named = [(k, p.shape) for k, p in block.named_parameters() if p.ndim == 2]
-    return {s.name: s.shard_shape for s in make_slots(named, m)}
+        block = FusedBlock(d) if fused else ToyBlock(d, 1)
+    return shard_shapes([(k, p.shape) for k, p in block.named_parameters() if p.ndim == 2], m)
 
 
 @pytest.mark.parametrize("size,d,r,table1", [("2.8B", 1920, 512, 0.83), ("5.6B", 2688, 640, 0.85),
                                              ("12.0B", 3968, 896, 0.86)])
-def test_measured_rate_matches_paper_table1(size: str, d: int, r: int, table1: float) -> None:
-    shapes = paper_shard_shapes(d)
-    assert shapes["q.weight"] == (d // 8, d) and shapes["fc1.weight"] == (4 * d // 8, d)
-    assert shapes["fc2.weight"] == (d, 4 * d // 8) and len(shapes) == 6
+@pytest.mark.parametrize("fused", [False, True])
+def test_measured_rate_matches_paper_table1(size: str, d: int, r: int, table1: float, fused: bool) -> None:
+    shapes = paper_shard_shapes(d, fused)
+    q, mlp_in, mlp_out = (("qkv.weight#0", "fc1.weight", "fc2.weight") if fused
+                          else ("q.weight", "fc1.weight", "fc2.weight"))
+    assert shapes[q] == (d // 8, d) and shapes[mlp_in] == (4 * d // 8, d)
+    assert shapes[mlp_out] == (d, 4 * d // 8) and len(shapes) == 6
     psgd = PowerSGD(shapes, shard_rank(r, 8), min_dim=128, device="meta")
     grads = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     rec = Recorder()

@@ -215,3 +215,26 @@ def test_next_block_is_gathered_while_the_current_one_computes() -> None:
     # backward: re-gather (prefetching block i-1), recompute, reduce-scatter the gradients
     assert log == ["issue ag.2", "issue ag.1", "wait ag.2", "compute 2", "rs.2",
                    "issue ag.0", "wait ag.1", "compute 1", "rs.1", "wait ag.0", "compute 0", "rs.0"]
+
+
+class Fused(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_fused_qkv_is_three_matrices_and_round_trips(n: int) -> None:
+    block = Fused(8)
+    named = list(block.named_parameters())
+    shards = [FlatShard(named, FakeComm(n, r)) for r in range(n)]
+    assert [s.name for s in shards[0].slots] == ["qkv.weight#0", "qkv.weight#1", "qkv.weight#2", "qkv.bias"]
+    assert shards[0].slots[0].shard_shape == (8 // n, 8)  # each of q, k, v sliced on its own
+    packed = shards[0].pack({k: v.detach() for k, v in named})
+    for r in range(n):
+        assert torch.equal(packed.view(n, -1)[r], shards[r].param.detach())
+    full = shards[0].unpack(packed)
+    assert torch.equal(full["qkv.weight"], block.qkv.weight.detach())
+    # rank r's q slice holds rows [r*8/n, (r+1)*8/n) of q (the first third of qkv)
+    q_rows = block.qkv.weight.detach()[:8].chunk(n)[n - 1]
+    assert torch.equal(shards[n - 1].views(shards[n - 1].param.detach())["qkv.weight#0"], q_rows)

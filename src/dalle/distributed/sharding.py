@@ -117,27 +117,67 @@ def merge_slices(slices: Sequence[torch.Tensor], slot: Slot) -> torch.Tensor:
     return torch.cat(list(slices))[:numel].view(slot.shape)
 
 
+# Paper App. E.1: q, k and v are three d x d matrices, each sharded and compressed on its own; a
+# fused [3d, d] qkv weight is laid out as three slots "<name>#0..2" so sharding and PowerSGD see
+# exactly the paper's matrices.
+FUSED = {"qkv.weight": 3}
+
+
+def fused_parts(name: str, shape: Sequence[int]) -> int:
+    for suffix, k in FUSED.items():
+        if name.endswith(suffix) and len(shape) == 2 and shape[0] == k * shape[1]:
+            return k
+    return 1
+
+
+def shard_shapes(named: Sequence[tuple[str, Sequence[int]]], n: int) -> dict[str, tuple[int, ...]]:
+    """{slot name: this rank's slice shape} of parameters (fused qkv split), for planning on the
+    meta device: what sharding over n ranks hands to PowerSGD."""
+    logical: list[tuple[str, Sequence[int]]] = []
+    for name, shape in named:
+        k = fused_parts(name, shape)
+        logical += ([(f"{name}#{j}", (shape[0] // k, shape[1])) for j in range(k)] if k > 1
+                    else [(name, shape)])
+    return {s.name: s.shard_shape for s in make_slots(logical, n)}
+
+
 class FlatShard:
     """This rank's flat slice [L] of a list of parameters, plus pack/unpack for collectives."""
 
     def __init__(self, named: Sequence[tuple[str, torch.Tensor]], comm: ShardComm) -> None:
         self.comm = comm
         n = comm.size
-        self.slots = make_slots([(k, v.shape) for k, v in named], n)
+        self.parts = {k: fused_parts(k, v.shape) for k, v in named}
+        logical = self._to_slots({k: v.detach().float() for k, v in named})
+        self.slots = make_slots([(k, v.shape) for k, v in logical.items()], n)
         self.numel = sum(s.shard_numel for s in self.slots)
-        mine = [split_full(v.detach().float(), s, n)[comm.rank] for (_, v), s in zip(named, self.slots)]
+        mine = [split_full(logical[s.name], s, n)[comm.rank] for s in self.slots]
         self.param = nn.Parameter(torch.cat(mine).clone() if mine else torch.zeros(0))  # [L]
+
+    def _to_slots(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, k in self.parts.items():
+            if k == 1:
+                out[name] = full[name]
+            else:
+                out.update({f"{name}#{j}": part for j, part in enumerate(full[name].chunk(k, 0))})
+        return out
+
+    def _from_slots(self, slots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: slots[name] if k == 1 else torch.cat([slots[f"{name}#{j}"] for j in range(k)])
+                for name, k in self.parts.items()}
 
     def unpack(self, gathered: torch.Tensor) -> dict[str, torch.Tensor]:
         """All-gathered [n*L] -> {name: full tensor}."""
         per_rank = gathered.view(self.comm.size, self.numel)  # [n, L]
-        return {s.name: merge_slices(per_rank[:, s.offset:s.offset + s.shard_numel].unbind(0), s)
-                for s in self.slots}
+        return self._from_slots({s.name: merge_slices(
+            per_rank[:, s.offset:s.offset + s.shard_numel].unbind(0), s) for s in self.slots})
 
     def pack(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
         """{name: full tensor} -> [n*L], rank-major, ready for a reduce-scatter."""
         n = self.comm.size
-        parts = [split_full(full[s.name].float(), s, n) for s in self.slots]  # [slot][rank]
+        logical = self._to_slots({k: v.float() for k, v in full.items()})
+        parts = [split_full(logical[s.name], s, n) for s in self.slots]  # [slot][rank]
         return torch.cat([parts[i][r] for r in range(n) for i in range(len(self.slots))])
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -225,6 +265,16 @@ class ShardedBlock(nn.Module):
         self.prefetcher: Prefetcher
         object.__setattr__(self, "prefetcher", prefetcher)
         self.index = index
+
+    @property
+    def grad_scale(self) -> Any:
+        """The inner block's per-resblock gradient scale (paper §2.4), so a ResblockScaler built
+        on the sharded model.blocks scales the recomputed branch and unscales the slice grads."""
+        return getattr(self.inner, "grad_scale", None)
+
+    @grad_scale.setter
+    def grad_scale(self, state: Any) -> None:
+        self.inner.grad_scale = state
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Extra arguments (masks, flags) are passed through as constants (no gradient)."""

@@ -80,6 +80,8 @@ class ShardedStrategy:
                 self.world.broadcast_(p.data, 0, f"bcast.{i}")
         blocks = model.blocks
         assert isinstance(blocks, nn.ModuleList), "the model keeps its resblocks in model.blocks"
+        if getattr(model, "checkpointing", False):
+            model.checkpointing = False  # ShardedBlock already recomputes each block (§2.4)
         self.prefetcher = shard_blocks(blocks, self.shard_comm)
         self.rest = ShardedRest(model, self.shard_comm)
         self.shards = list(iter_shards(model)) + [self.rest.shard]
