@@ -152,7 +152,7 @@ def train_dvae(cfg: DVAE, paths: Paths, tracker: Any, seed: int = 0,
     val_np, val_captions = val if val is not None else _load_images(paths, "val")
     metrics = evaluate_dvae(model, val_np, val_captions, paths, tracker)
     metrics.update({"train_seconds": round(train_s, 2), "steps": cfg.steps, "image_size": image_size})
-    save_dvae(model, paths, tracker)
+    save_dvae(model, Path(paths.models) / "dvae.safetensors", tracker)
     write_json(Path(paths.metrics) / "dvae.json", metrics)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float))}, step=cfg.steps)

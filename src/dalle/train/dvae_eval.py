@@ -77,9 +77,8 @@ def evaluate_dvae(model: DiscreteVAE, val_images: np.ndarray, val_captions: list
     return metrics
 
 
-def save_dvae(model: DiscreteVAE, paths: Paths, tracker: Any = None) -> Path:
-    """models/dvae.safetensors (weights `encoder.`/`decoder.` + config) and models/dvae.json."""
-    out = Path(paths.models) / "dvae.safetensors"
+def save_dvae(model: DiscreteVAE, out: Path, tracker: Any = None) -> Path:
+    """`out` (models/dvae.safetensors: weights `encoder.`/`decoder.` + config) and its .json."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(out, state, model.config)
     write_json(out.with_suffix(".json"), model.config)

@@ -1,0 +1,87 @@
+"""Token caching, the `encode` stage (paper §2.2): images -> dVAE codes, captions -> BPE ids.
+
+The EMA encoder is run with argmax (no gumbel noise) over the clean train/val splits, so prior
+training never touches pixels. Output per split, `paths.tokens/<split>.npz`: image_tokens uint16
+[N, grid^2], text_tokens int32 [N, text_len] (pad -1), text_lengths int32 [N], keys, captions.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dalle.config_sections import Encode, Paths
+from dalle.errors import DataError
+from dalle.io import atomic_path
+from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, load_dvae, to_float
+
+log = logging.getLogger("dalle.encode")
+SPLITS = ("train", "val")
+
+
+@torch.no_grad()
+def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int,
+                  desc: str = "encode") -> np.ndarray:
+    """uint8 [N, H, W, 3] -> image tokens uint16 [N, grid^2] (argmax codes, paper §2.2)."""
+    if model.vocab_size > 65536:
+        raise DataError(f"dvae.vocab_size {model.vocab_size} does not fit uint16 tokens")
+    fmt = torch.channels_last
+    model.to(memory_format=fmt)
+    out = np.empty((len(images), 0), dtype=np.uint16)
+    chunks = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+        x = to_float(torch.from_numpy(images[i:i + batch_size]), fmt)  # [B, 3, H, W]
+        chunks.append(model.encode(x).to(torch.int32).numpy().astype(np.uint16))  # [B, grid^2]
+    return np.concatenate(chunks) if chunks else out
+
+
+def write_tokens(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: np.savez must not append ".npz" to tmp
+            np.savez(fh, **arrays)
+    return path
+
+
+def encode_split(model: DiscreteVAE, tokenizer: Any, text_len: int, keys: list[str],
+                 captions: list[str], images: np.ndarray, batch_size: int,
+                 split: str) -> dict[str, np.ndarray]:
+    images = as_rgb_uint8(images, model.config["image_size"], split)
+    image_tokens = encode_images(model, images, batch_size, desc=f"encode {split}")
+    ids, lengths = tokenizer.encode_padded(list(captions), text_len)  # [N, T] pad -1, [N]
+    return {"image_tokens": image_tokens, "text_tokens": np.asarray(ids, dtype=np.int32),
+            "text_lengths": np.asarray(lengths, dtype=np.int32),
+            "keys": np.asarray(keys, dtype=str), "captions": np.asarray(captions, dtype=str)}
+
+
+def encode_tokens(cfg: Encode, text_len: int, paths: Paths, tracker: Any) -> dict[str, Any]:
+    """Library function of the `encode` stage; returns its metrics."""
+    from dalle.data.reader import load_split
+    from dalle.data.tokenizer import BPETokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = load_dvae(Path(paths.models) / "dvae.safetensors")
+    tok_path = Path(paths.models) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise DataError(f"tokenizer not found: {tok_path}; run the tokenizer stage first")
+    tokenizer = BPETokenizer.load(tok_path)
+    metrics: dict[str, Any] = {}
+    for split in SPLITS:
+        data = load_split(paths, split)
+        if split == "train" and len(data) == 0:
+            raise DataError(f"the train split under {paths.clean} is empty; nothing to encode")
+        t0 = time.perf_counter()
+        arrays = encode_split(model, tokenizer, text_len, data.keys, data.captions, data.images,
+                              cfg.batch_size, split)
+        seconds = time.perf_counter() - t0
+        write_tokens(Path(paths.tokens) / f"{split}.npz", arrays)
+        metrics[f"{split}_n"] = len(data)
+        metrics[f"{split}_images_per_s"] = len(data) / max(seconds, 1e-9)
+    metrics["grid"] = int(arrays["image_tokens"].shape[1]) if len(arrays["image_tokens"]) else 0
+    tracker.log_metrics(metrics)
+    return metrics
