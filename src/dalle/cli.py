@@ -16,6 +16,7 @@ from dalle.runner import configure_logging, run_guarded
 COMMAND_MODULES = (
     "dalle.commands.config_cmd",
     "dalle.commands.runs_cmd",
+    "dalle.commands.dvae_cmd",
 )
 
 
