@@ -157,6 +157,7 @@ class DVAE(Section):
 
 class Encode(Section):
     batch_size: int = Field(256, gt=0)
+    threads: int = Field(0, ge=0)  # 0: torch default
 
 
 # ----------------------------------------------------------------------------- prior
