@@ -49,9 +49,10 @@ class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, image_size: tuple[int, int] = (96, 72), slow_s: float = 3.0,
-                 huge_bytes: int = 3_000_000) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+                 huge_bytes: int = 3_000_000, image_pool: int = 0, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.image_size, self.slow_s, self.huge_bytes = image_size, slow_s, huge_bytes
+        self.image_pool = image_pool  # > 0: serve /img/n as picture n % image_pool (benchmarks)
         self.log: list[str] = []
         self.lock = threading.Lock()
         self.cache: dict[int, bytes] = {}
@@ -65,6 +66,7 @@ class ImageServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def image(self, n: int) -> bytes:
+        n = n % self.image_pool if self.image_pool else n
         if n not in self.cache:
             self.cache[n] = jpeg(make_image(n, self.image_size))
         return self.cache[n]

@@ -90,7 +90,7 @@ def load_rgb(img: Image.Image, draft_size: int | None = None) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageRejected("truncated", f"cannot decode pixels ({exc})") from None
     try:
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
     except (OSError, ValueError, SyntaxError):
         pass  # a broken EXIF block: keep the pixels as stored
     return to_rgb(img)
@@ -118,16 +118,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (aspect kept), then crop the centre `size x size`."""
+    """Resize the shorter side to `size` (aspect kept) and keep the centre `size x size`.
+
+    Done in one resampling pass over the centre square only (`resize(box=...)`): the same
+    pixels as resize-then-crop, without resampling the parts that are cropped away.
+    """
     width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    if (new_w, new_h) != (size, size):
-        img = img.crop((left, top, left + size, top + size))
-    return img
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    if (width, height) == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BICUBIC,
+                      box=(left, top, left + side, top + side))
 
 
 def encode(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
