@@ -65,7 +65,7 @@ def _contrast(lab: np.ndarray) -> np.ndarray:
     """Lab distance [H, W] from the median border colour (the background estimate)."""
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])  # [4S, 3]
     dist = np.linalg.norm(lab - np.median(border, axis=0), axis=-1)  # [H, W]
-    return ndimage.median_filter(dist, size=3, mode="nearest") * 0.5 + dist * 0.5  # JPEG ringing
+    return ndimage.gaussian_filter(dist, 0.7, mode="nearest")  # JPEG ringing
 
 
 def _refine(seed: np.ndarray, dist: np.ndarray) -> np.ndarray:
