@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import peers
 from benchmarks.common import emit, peak_rss, quick, threads, time_interleaved
@@ -19,13 +18,12 @@ StepFn = Callable[[], None]
 
 
 def ours_loss(model: torch.nn.Module, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """This project's prior loss (paper §2.2): cross-entropy of each kind normalised by its token
-    count, text x 1/8 + image x 7/8; captions fill text_len (no padding)."""
+    """This project's training loss, `dalle.train.prior_loop.prior_loss` (paper §2.2: per-kind
+    cross-entropy, text x 1/8 + image x 7/8); captions fill text_len."""
+    from dalle.train.prior_loop import prior_loss
+
     lengths = torch.full((text.shape[0],), text.shape[1], dtype=torch.long)
-    text_logits, image_logits = model(text, lengths, image)  # [B, T-1, Vt], [B, N, Vi]
-    text_loss = F.cross_entropy(text_logits.flatten(0, 1), text[:, 1:].flatten())
-    image_loss = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
-    return text_loss / 8 + image_loss * 7 / 8
+    return prior_loss(model, text, lengths, image)[0]
 
 
 def make_step(impl: str, model: torch.nn.Module, shape: peers.Shape, text: torch.Tensor,

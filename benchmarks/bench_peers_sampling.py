@@ -30,7 +30,8 @@ def ours_sampler(model: torch.nn.Module, shape: peers.Shape, text: torch.Tensor)
     from dalle.sample import sample_image_tokens
 
     k = max(1, int(TOP_FRACTION * shape.image_vocab))
-    return lambda: sample_image_tokens(model, text, top_k=k, temperature=1.0)
+    lengths = torch.full((text.shape[0],), text.shape[1], dtype=torch.long)
+    return lambda: sample_image_tokens(model, text, lengths, top_k=k, temperature=1.0, batch_size=text.shape[0])
 
 
 def gpt2_sampler(model: torch.nn.Module, shape: peers.Shape, text: torch.Tensor) -> Callable[[], object]:

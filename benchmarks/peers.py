@@ -122,7 +122,7 @@ def build_ours(shape: Shape) -> torch.nn.Module:
 def preimport() -> None:
     """Import every contender's package up front, so peak-RSS deltas measure models, not imports."""
     for name in ("dalle_pytorch", "transformers", "dalle.models.transformer", "dalle.models.dvae",
-                 "dalle.sample", "dalle.train.prior", "dalle.train.dvae"):
+                 "dalle.sample", "dalle.train.prior_loop", "dalle.train.dvae_loss"):
         try:
             __import__(name)
         except ImportError:
