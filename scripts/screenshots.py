@@ -80,7 +80,8 @@ async def run_twice(deployment: str, overrides: list[str], timeout: float) -> tu
 
 def mlflow_compare_url(base: str, db: str) -> str:
     """The MLflow UI's comparison of the two newest pipeline (parent) runs."""
-    from dalle.tracking import make_client, search_runs
+    from dalle.runs import search_runs
+    from dalle.tracking import make_client
 
     runs = json.dumps([r.run_id for r in search_runs("dalle", uri=db)[:2]])
     exp_id = make_client(db).get_experiment_by_name("dalle").experiment_id

@@ -307,8 +307,56 @@ def _copy_final_metrics(client: Any, child: str, parent: str, stage: str) -> Non
     MlflowTracker(client, parent).log_metrics({f"{stage}/{k}": v for k, v in metrics.items()})
 
 
+class CurveRecorder(NullTracker):
+    """Passes everything to the inner tracker and keeps every metric logged with a step, so the
+    stage can leave its curves as a DVC plots file (`<paths.metrics>/curves/<stage>.json`)."""
+
+    def __init__(self, inner: NullTracker) -> None:
+        self.inner = inner
+        self.enabled = inner.enabled
+        self.run_id = inner.run_id
+        self.rows: dict[int, dict[str, float]] = {}
+        self.log_params, self.log_artifact = inner.log_params, inner.log_artifact
+        self.log_dict, self.set_tags = inner.log_dict, inner.set_tags
+        self.register_model = inner.register_model  # type: ignore[method-assign]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        if step is not None:
+            row = self.rows.setdefault(int(step), {"step": int(step)})
+            row.update({k: float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.inner.log_metrics(metrics, step)
+
+    def write(self, path: Path) -> None:
+        from dalle.io import write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, [self.rows[s] for s in sorted(self.rows)])
+
+
+@contextlib.contextmanager
+def recorded(stage: str, params: Any, tracker: NullTracker) -> Iterator[NullTracker]:
+    """Wrap `tracker` in a CurveRecorder and write the curves file when the stage succeeds."""
+    recorder = CurveRecorder(tracker)
+    yield recorder
+    recorder.write(Path(params.paths.metrics) / "curves" / f"{stage}.json")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[NullTracker]:
+    """Context for one stage: yields a tracker (MLflow child run, or Null when tracking is off or
+    rank != 0); on rank 0 the metrics logged with a step also become `metrics/curves/<stage>.json`
+    (DVC plots), whether tracking is on or not."""
+    with _stage_run(stage, params, rank) as tracker:
+        if (process_rank() if rank is None else rank) != 0:
+            yield tracker
+            return
+        with recorded(stage, params, tracker) as recorder:
+            yield recorder
+
+
+@contextlib.contextmanager
+def _stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[NullTracker]:
     """Context for one stage: yields a tracker (Null when off or rank != 0) and ends the run.
 
     `params` is the full `dalle.config.Params`; all of it is logged (dotted names) so runs can be
@@ -347,88 +395,9 @@ def log_json_artifact(tracker: NullTracker, obj: Any, name: str) -> None:
         tracker.log_artifact(path)
 
 
-# ----------------------------------------------------------------------------- reading runs back
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as `dalle runs compare` shows it."""
-
-    run_id: str
-    name: str
-    status: str
-    start_time: int
-    kind: str
-    stage: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-
-
-def search_runs(experiment: str, kind: str = "pipeline", stage: Optional[str] = None,
-                max_results: int = 50, uri: Optional[str] = None) -> list[RunRecord]:
-    """Runs of `experiment`, newest first: pipeline (parent) runs, or stage runs of `stage`."""
-    client = make_client(uri or default_uri())
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise TrackingError(f"experiment {experiment!r} does not exist in {mask_uri(client.tracking_uri)}")
-    query = f"tags.`dalle.kind` = '{kind}'" + (f" and tags.`dalle.stage` = '{stage}'" if stage else "")
-    runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=max_results,
-                              order_by=["attributes.start_time DESC"])
-    return [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status,
-                      r.info.start_time or 0, r.data.tags.get("dalle.kind", ""),
-                      r.data.tags.get("dalle.stage", ""), dict(r.data.params),
-                      dict(r.data.metrics)) for r in runs]
-
-
-def metric_history(run_id: str, key: str, uri: Optional[str] = None) -> list[tuple[int, float]]:
-    """(step, value) pairs of one metric of one run, by step."""
-    client = make_client(uri or default_uri())
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def _resolve_model(client: Any, uri: str) -> tuple[str, str]:
-    """models:/NAME@ALIAS | models:/NAME/VERSION | models:/NAME/latest -> (run_id, artifact path)."""
-    body = uri[len("models:/"):]
-    name, sep, alias = body.partition("@")
-    try:
-        if sep and alias.lower() != "latest":
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, ver = (name if sep else body).partition("/")
-            if ver in ("", "latest"):
-                found = client.search_model_versions(f"name = '{name}'", max_results=1000)
-                if not found:
-                    raise TrackingError(f"model {name!r} has no registered version")
-                version = max(found, key=lambda v: int(v.version))
-            else:
-                version = client.get_model_version(name, ver)
-    except TrackingError:
-        raise
-    except Exception:  # noqa: BLE001 - registry says "not found" in many shapes
-        raise TrackingError(f"model {uri!r} is not in the registry at "
-                            f"{mask_uri(client.tracking_uri)}") from None
-    source = version.source or ""
-    path = source.split("/", 3)[3] if source.startswith("runs:/") and source.count("/") >= 3 else "model"
-    return version.run_id, path
-
 
 def fetch_model(uri: str, dst: Optional[str | Path] = None, tracking_uri: Optional[str] = None) -> Path:
-    """A local directory holding the model's files (safetensors + JSON).
+    """A local directory with the model's files; see `dalle.runs.fetch_model`."""
+    from dalle.runs import fetch_model as fetch
 
-    `uri` is `models:/NAME@ALIAS` (`@latest`: the newest version), `models:/NAME/VERSION`,
-    `runs:/RUN_ID/PATH`, or a local file/directory (returned as is).
-    """
-    if not uri.startswith(("models:/", "runs:/")):
-        local = Path(uri)
-        if not local.exists():
-            raise TrackingError(f"model {uri!r}: no such file, and not a models:/ or runs:/ URI")
-        return local
-    client = make_client(tracking_uri or default_uri())
-    if uri.startswith("models:/"):
-        run_id, path = _resolve_model(client, uri)
-    else:
-        run_id, _, path = uri[len("runs:/"):].partition("/")
-    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="dalle-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(client.download_artifacts(run_id, path or "model", str(dst)))
-    except Exception:  # noqa: BLE001
-        raise TrackingError(f"model {uri!r}: its files could not be downloaded") from None
+    return fetch(uri, dst, tracking_uri)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dalle import pipeline, tracking
+from dalle import pipeline, runs, tracking
 from dalle.config import load_raw
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,9 +117,9 @@ def test_repro_idempotent_and_param_change_reruns_only_affected(repo) -> None:
     assert metrics, "dvc metrics show found no metrics"
 
     db = f"sqlite:///{repo.parent / 'mlflow.db'}"
-    parents = tracking.search_runs("dalle", uri=db)
+    parents = runs.search_runs("dalle", uri=db)
     assert len(parents) == 2 and all(p.status == "FINISHED" for p in parents)
-    assert {r.stage for r in tracking.search_runs("dalle", kind="stage", uri=db)} == set(declared)
+    assert {r.stage for r in runs.search_runs("dalle", kind="stage", uri=db)} == set(declared)
 
 
 def test_exp_run_and_show(repo) -> None:

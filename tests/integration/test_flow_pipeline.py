@@ -14,7 +14,7 @@ import pytest
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
-from dalle import tracking  # noqa: E402
+from dalle import runs, tracking  # noqa: E402
 from tests.integration.flow_standins import write_standins  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,11 +52,11 @@ def test_flow_runs_dag_with_retry_tracking_and_artifacts(harness, workdir, monke
     json.dumps(results)  # plain JSON, no tensors
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    parents = tracking.search_runs("dalle", uri=uri)
+    parents = runs.search_runs("dalle", uri=uri)
     assert len(parents) == 1 and parents[0].status == "FINISHED"
     assert parents[0].name == f"pipeline prefect-{state.state_details.flow_run_id}"
     assert parents[0].metrics["evaluate/loss"] == pytest.approx(1 / 3)
-    children = tracking.search_runs("dalle", kind="stage", uri=uri)
+    children = runs.search_runs("dalle", kind="stage", uri=uri)
     # the failed first collect attempt is its own (FAILED) run under the same parent
     assert sorted((c.stage, c.status) for c in children) == [
         ("collect", "FAILED"), ("collect", "FINISHED"), ("dedup", "FINISHED"),

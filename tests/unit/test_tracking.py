@@ -2,6 +2,7 @@
 concurrent writers."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dalle import tracking
+from dalle import runs, tracking
 from dalle.config import load_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +28,9 @@ def db(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def uri(db, monkeypatch) -> str:
+def uri(db, monkeypatch, tmp_path) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
+    monkeypatch.chdir(tmp_path)  # stages leave metrics/curves/*.json in the working directory
     return db
 
 
@@ -50,9 +52,16 @@ def test_default_uri_precedence(monkeypatch) -> None:
     assert tracking.artifact_root("sqlite:////x/y/mlflow.db") == "file:///x/y/mlartifacts"
 
 
-def test_disabled_or_nonzero_rank_is_null() -> None:
+def test_disabled_or_nonzero_rank_is_null(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     with tracking.stage_run("s", _params(**{"tracking.enabled": "false"})) as t:
         assert not t.enabled
+        t.log_metrics({"loss": 2.0, "lr": 0.1}, step=2)
+        t.log_metrics({"loss": 1.0}, step=4)
+        t.log_metrics({"final": 1.0})  # no step: not a curve point
+    # the curves become a DVC plots file even with tracking off
+    assert json.loads((tmp_path / "metrics" / "curves" / "s.json").read_text()) == [
+        {"step": 2, "loss": 2.0, "lr": 0.1}, {"step": 4, "loss": 1.0}]
     with tracking.stage_run("s", _params(), rank=1) as t:
         assert not t.enabled and t.register_model("m", []) is None
 
@@ -66,14 +75,14 @@ def test_parent_and_child_runs(uri, monkeypatch) -> None:
                 t.log_metrics({"loss": 3.0 - step, "flag": True}, step=step)
     with pytest.raises(RuntimeError), tracking.stage_run("evaluate", params):
         raise RuntimeError("boom")
-    parents = tracking.search_runs("unit-a", uri=uri)
+    parents = runs.search_runs("unit-a", uri=uri)
     assert len(parents) == 1 and parents[0].status == "FAILED"
     assert parents[0].metrics == {"train_dvae/loss": 1.0, "train_prior/loss": 1.0}
     assert parents[0].params["prior.n_layers"] == "4"
-    stages = tracking.search_runs("unit-a", kind="stage", uri=uri)
+    stages = runs.search_runs("unit-a", kind="stage", uri=uri)
     assert sorted(r.stage for r in stages) == ["evaluate", "train_dvae", "train_prior"]
     prior = next(r for r in stages if r.stage == "train_prior")
-    assert tracking.metric_history(prior.run_id, "loss", uri=uri) == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert runs.metric_history(prior.run_id, "loss", uri=uri) == [(0, 3.0), (1, 2.0), (2, 1.0)]
     assert "flag" not in prior.metrics  # booleans are not metrics
 
 
@@ -129,6 +138,7 @@ def _writer(uri: str, tag: str, n: int) -> None:
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(Path(uri[len("sqlite:///"):]).parent)
     os.environ[tracking.PIPELINE_ENV] = "pipe-concurrent"
     with tracking.stage_run(f"writer-{tag}", _params(**{"tracking.experiment": "unit-c"})) as t:
         for step in range(n):
@@ -144,8 +154,8 @@ def test_two_concurrent_writers_do_not_corrupt(db) -> None:
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
-    stages = tracking.search_runs("unit-c", kind="stage", uri=db)
+    stages = runs.search_runs("unit-c", kind="stage", uri=db)
     assert sorted(r.stage for r in stages) == ["writer-a", "writer-b"]
     for r in stages:
-        assert [v for _, v in tracking.metric_history(r.run_id, "loss", uri=db)] == list(map(float, range(60)))
-    assert len(tracking.search_runs("unit-c", uri=db)) == 1  # one parent for both
+        assert [v for _, v in runs.metric_history(r.run_id, "loss", uri=db)] == list(map(float, range(60)))
+    assert len(runs.search_runs("unit-c", uri=db)) == 1  # one parent for both

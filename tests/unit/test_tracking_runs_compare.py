@@ -1,10 +1,9 @@
 """`dalle runs compare`: table of pipeline/stage runs, PNG of curves, one-line errors."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from dalle import tracking
@@ -24,6 +23,7 @@ def _seed(monkeypatch, n_layers: int, pid: str) -> None:
 
 
 def test_compare_table_and_plot(tmp_mlflow, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # stages leave metrics/curves/*.json in the working directory
     _seed(monkeypatch, 2, "p2")
     _seed(monkeypatch, 8, "p8")
     out = tmp_path / "cmp.png"
@@ -41,9 +41,9 @@ def test_compare_table_and_plot(tmp_mlflow, tmp_path, monkeypatch, capsys) -> No
     assert stage_lines[0].split()[-1] == "loss" and len(stage_lines) == 4
 
 
-def test_compare_unknown_experiment_is_one_line(tmp_mlflow) -> None:
-    out = subprocess.run([sys.executable, "-m", "dalle.cli", "runs", "compare", "--experiment",
-                          "no-such-exp"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [
+def test_compare_unknown_experiment_is_one_line(tmp_mlflow, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["runs", "compare", "--experiment", "no-such-exp"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: experiment 'no-such-exp' does not exist in {tmp_mlflow}"]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dalle.errors import OutputError
-from dalle.tracking import RunRecord, default_uri, metric_history, search_runs
+from dalle.runs import RunRecord, metric_history, search_runs
+from dalle.tracking import default_uri
 
 KEY_PARAMS = ("data.synthetic.n_images", "dvae.vocab_size", "dvae.steps", "prior.n_layers",
               "prior.d_model", "prior.attention", "prior.steps", "generate.candidates", "seed")
