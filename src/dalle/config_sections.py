@@ -112,6 +112,9 @@ class Data(Section):
 class Dedup(Section):
     hash_size: int = Field(8, ge=4, le=32)  # imagehash phash size -> hash_size**2 bits
     near_threshold: int = Field(6, ge=0)  # max hamming distance for a near-duplicate
+    # remove near duplicates within a split (web data). The synthetic world renders many
+    # look-alike images on purpose (same spec, small jitter): params.yaml keeps exact only.
+    remove_near: bool = True
     overlap_threshold: int = Field(8, ge=0)  # val<->train hamming distance counted as overlap
     crop_scale: float = Field(0.93, gt=0.5, le=1.0)  # extra phashes of crops: crop-robust matching
     crop_grid: int = Field(3, ge=0, le=5)  # crop_grid x crop_grid crop positions (0: full hash only)
@@ -262,8 +265,9 @@ class Generate(Section):
 class Evaluate(Section):
     blur_radii: FloatTup = (0, 1, 2, 4, 8)  # paper fig. 9(a)
     rerank_sizes: IntTup = (1, 2, 4, 8, 16, 32)  # paper fig. 9(c)
-    inception_weights: Optional[str] = None
+    inception_weights: Optional[str] = None  # local torch-fidelity Inception-v3 state dict
     batch_size: int = Field(64, gt=0)
+    cache_dir: str = ".cache/fidelity"  # torch-fidelity feature cache of the real (val) images
 
 
 class Schedule(Section):

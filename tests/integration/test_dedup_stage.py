@@ -52,7 +52,8 @@ def build_raw(raw: Path) -> None:
 def _args(tmp_path: Path, repo_root: Path) -> list[str]:
     sets = {"paths.raw": tmp_path / "raw", "paths.clean": tmp_path / "clean",
             "paths.metrics": tmp_path / "metrics", "paths.models": tmp_path / "models",
-            "tracking.enabled": "false"}
+            "tracking.enabled": "false", "dedup.remove_near": "true", "dedup.crop_grid": 3,
+            "dedup.overlap_threshold": 8}  # the real-data settings (params.yaml: synthetic)
     args = ["--params", str(repo_root / "params.yaml")]
     for key, value in sets.items():
         args += ["-S", f"{key}={value}"]
@@ -77,6 +78,14 @@ def test_dedup_stage_end_to_end(tmp_path, repo_root):
     assert saved == metrics
     assert (saved["removed_exact"], saved["removed_near"], saved["val_overlap"]) == (2, 1, 1)
     assert saved["overlap_rate"] == pytest.approx(1 / 3)
+
+
+def test_exact_only_keeps_near_copies(tmp_path, repo_root):
+    build_raw(tmp_path / "raw")
+    metrics = dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.remove_near=false"])
+    clean = pd.read_parquet(tmp_path / "clean" / "manifest.parquet").set_index("key")
+    assert pd.isna(clean.loc["t11", "dup_of"]) and clean.loc["t10", "dup_kind"] == "exact"
+    assert (metrics["removed_exact"], metrics["removed_near"]) == (2, 0)
 
 
 def test_dedup_without_collect_is_one_line(tmp_path, repo_root, capsys):

@@ -124,12 +124,13 @@ class _Inline:
 
 
 # ----------------------------------------------------------------------------- duplicates
-def find_duplicates(shas: Sequence[str], bits: np.ndarray, threshold: int
+def find_duplicates(shas: Sequence[str], bits: np.ndarray, threshold: Optional[int]
                     ) -> tuple[list[Optional[int]], list[Optional[str]]]:
     """In the given order, index of the kept twin (or None) and the kind ("exact"/"near").
 
     bits: bool [N, B] or [N, K, B] (full hash first, then crop hashes). Two images are near
-    duplicates when the full hash of one is within `threshold` of any hash of the other.
+    duplicates when the full hash of one is within `threshold` of any hash of the other;
+    threshold None: exact duplicates only.
     """
     bits = bits[:, None, :] if bits.ndim == 2 else bits
     n = len(shas)
@@ -141,6 +142,8 @@ def find_duplicates(shas: Sequence[str], bits: np.ndarray, threshold: int
             dup_of[i], kind[i] = first[sha], "exact"
         else:
             first[sha] = i
+    if threshold is None:
+        return dup_of, kind
     distinct = np.array(sorted(first.values()), dtype=np.int64)
     q, item, d = hamming.pairs_multi(bits[distinct, 0], bits[distinct], threshold)
     a, b = distinct[np.minimum(q, item)], distinct[np.maximum(q, item)]
@@ -260,8 +263,8 @@ def read_raw_manifest(raw_dir: Path) -> pd.DataFrame:
     return manifest
 
 
-def mark_duplicates(ok: pd.DataFrame, shas: list[str], bits: np.ndarray, threshold: int
-                    ) -> pd.DataFrame:
+def mark_duplicates(ok: pd.DataFrame, shas: list[str], bits: np.ndarray,
+                    threshold: Optional[int]) -> pd.DataFrame:
     """ok rows + `dup_of` (key of the kept twin in the same split) and `dup_kind`."""
     dup_of: list[Optional[str]] = [None] * len(ok)
     kind: list[Optional[str]] = [None] * len(ok)
@@ -307,7 +310,7 @@ def run_dedup(cfg: Dedup, paths: Paths, tracker: Any, workers: int = 2) -> dict[
     if ok.empty:
         raise DataError(f"{raw}/manifest.parquet has no ok rows; nothing to deduplicate")
     shas, bits, pixels = hash_raw(raw, ok, cfg, cfg.use_embeddings, workers)
-    clean = mark_duplicates(ok, shas, bits, cfg.near_threshold)
+    clean = mark_duplicates(ok, shas, bits, cfg.near_threshold if cfg.remove_near else None)
     overlap, threshold = _overlap(cfg, paths, clean, bits, pixels)
     out = Path(paths.clean)
     with atomic_path(out / "manifest.parquet") as tmp:
@@ -337,6 +340,7 @@ def _metrics(cfg: Dedup, clean: pd.DataFrame, overlap: pd.DataFrame, threshold: 
         "val_checked": n_val, "val_overlap": n_over,
         "overlap_rate": n_over / n_val if n_val else 0.0,
         "overlap_method": "cosine" if cfg.use_embeddings else "hamming",
-        "overlap_threshold": threshold, "near_threshold": cfg.near_threshold,
+        "overlap_threshold": threshold,
+        "near_threshold": cfg.near_threshold if cfg.remove_near else -1,
         "hash_size": cfg.hash_size, "seconds": round(seconds, 3),
     }
