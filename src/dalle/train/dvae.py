@@ -108,7 +108,7 @@ class _Trainer:
 
 def _log_row(out: dict[str, Any], vocab: int, step: int, images_per_s: float) -> dict[str, float]:
     t = out["terms"]
-    row = {"loss": float(t.loss), "nll_per_dim": float(t.nll), "kl_per_dim": float(t.kl),
+    row = {"loss": float(t.loss.detach()), "nll_per_dim": float(t.nll), "kl_per_dim": float(t.kl),
            "elb_per_dim": -float(t.nll + t.kl), "recon_mse": float(t.mse), "tau": out["tau"],
            "beta": out["beta"], "lr": out["lr"], "images_per_s": images_per_s}
     row.update({f"batch_{k}": v for k, v in codebook_usage(t.codes, vocab).items()})

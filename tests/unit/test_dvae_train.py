@@ -1,0 +1,109 @@
+"""dVAE objective, schedules, data order and kill/resume (paper §2.1, App. A.2)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dalle.config_sections import DVAE, Paths
+from dalle.errors import CheckpointError
+from dalle.io import load_checkpoint
+from dalle.models.dvae import DiscreteVAE
+from dalle.tracking import NullTracker
+from dalle.train.dvae import STATE_FILE, batch_indices, schedules, train_dvae
+from dalle.train.dvae_loss import codebook_usage, elb_terms, kl_to_uniform
+
+TINY = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, dec_n_hid=8,
+            steps=6, batch_size=4, lr=1e-3, lr_final=1e-5, tau_frac=0.5, kl_frac=0.5, lr_frac=1.0,
+            ema_decay=0.9, log_every=1, checkpoint_every=2, channels_last=False)
+
+
+def test_kl_to_uniform_zero_for_uniform_and_log_k_for_one_hot():
+    k = 16
+    assert kl_to_uniform(torch.zeros(2, k, 3, 3)).abs().max() < 1e-6
+    one_hot = torch.full((1, k, 1, 1), -1e4)
+    one_hot[0, 3] = 0
+    assert kl_to_uniform(one_hot).item() == pytest.approx(math.log(k), rel=1e-4)
+
+
+def test_elb_gradients_reach_encoder_and_decoder():
+    model = DiscreteVAE({**{k: TINY[k] for k in ("vocab_size", "n_hid", "n_blk_per_group",
+                                                  "group_count", "n_init", "dec_n_hid")},
+                         "image_size": 8})
+    terms = elb_terms(model, torch.rand(2, 3, 8, 8), tau=1.0, beta=6.6)
+    terms.loss.backward()
+    assert model.encoder.blocks.input.w.grad.abs().sum() > 0
+    assert model.decoder.blocks.output.conv.w.grad.abs().sum() > 0
+    assert terms.kl >= 0 and terms.codes.shape == (2, 16)
+
+
+def test_schedules_follow_paper_shape():
+    cfg = DVAE(**{**TINY, "steps": 1000, "tau_frac": 0.2, "kl_frac": 0.1, "lr_frac": 0.5})
+    start, end = schedules(cfg, 0), schedules(cfg, 1000)
+    assert start["tau"] == 1.0 and start["beta"] == 0.0 and start["lr"] == 1e-3
+    assert schedules(cfg, 200)["tau"] == pytest.approx(1 / 16)  # tau 1 -> 1/16
+    assert schedules(cfg, 100)["beta"] == pytest.approx(6.6)  # beta 0 -> 6.6
+    assert end["lr"] == pytest.approx(1e-5)
+    assert schedules(cfg, 50)["beta"] == pytest.approx(3.3)  # cosine midpoint
+
+
+def test_batch_indices_cover_an_epoch_without_repeats_and_are_deterministic():
+    seen = torch.cat([batch_indices(20, 5, s, seed=1) for s in range(4)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert torch.equal(batch_indices(20, 5, 7, 1), batch_indices(20, 5, 7, 1))
+    assert not torch.equal(batch_indices(20, 5, 0, 1), batch_indices(20, 5, 4, 1))  # new epoch
+
+
+def test_codebook_usage():
+    usage = codebook_usage(torch.arange(8).repeat(3), vocab_size=16)
+    assert usage["perplexity"] == pytest.approx(8.0) and usage["codes_used"] == 0.5
+
+
+class _Killer(NullTracker):
+    def __init__(self, at: int | None) -> None:
+        self.at, self.steps = at, []
+
+    def log_metrics(self, metrics, step=None):  # noqa: ANN001
+        if "loss" in metrics:
+            self.steps.append(step)
+            if step == self.at:
+                raise KeyboardInterrupt
+
+
+def _data() -> tuple[np.ndarray, tuple[np.ndarray, list[str]]]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), (
+        rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), [])
+
+
+def _paths(root) -> Paths:  # noqa: ANN001
+    return Paths(models=str(root / "models"), metrics=str(root / "metrics"))
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    train, val = _data()
+    cfg = DVAE(**TINY)
+    train_dvae(cfg, _paths(tmp_path / "a"), NullTracker(), 0, train, val)
+    killer = _Killer(at=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_dvae(cfg, _paths(tmp_path / "b"), killer, 0, train, val)
+    assert (tmp_path / "b" / "models" / STATE_FILE).exists()  # checkpoint at step 2
+    resumed = _Killer(at=None)
+    metrics = train_dvae(cfg, _paths(tmp_path / "b"), resumed, 0, train, val)
+    assert resumed.steps[0] == 3  # continued after the step-2 checkpoint
+    assert not (tmp_path / "b" / "models" / STATE_FILE).exists()
+    a, conf, _ = load_checkpoint(tmp_path / "a" / "models" / "dvae.safetensors")
+    b, _, _ = load_checkpoint(tmp_path / "b" / "models" / "dvae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert next(iter(a)).split(".")[0] in {"encoder", "decoder"} and conf["image_size"] == 8
+    assert metrics["val_perplexity"] >= 1 and 0 < metrics["val_codes_used"] <= 1
+
+
+def test_resume_from_other_config_names_the_key(tmp_path):
+    train, val = _data()
+    with pytest.raises(KeyboardInterrupt):
+        train_dvae(DVAE(**TINY), _paths(tmp_path), _Killer(at=3), 0, train, val)
+    with pytest.raises(CheckpointError, match=r"lr is 0.001 in the checkpoint but 0.002"):
+        train_dvae(DVAE(**{**TINY, "lr": 2e-3}), _paths(tmp_path), NullTracker(), 0, train, val)
