@@ -47,7 +47,7 @@ def test_pack_is_rank_major_and_unpack_inverts_it(n: int) -> None:
     packed = shards[0].pack({k: v.detach() for k, v in named})  # [n * L]
     per_rank = packed.view(n, shards[0].numel)
     for r in range(n):
-        assert torch.equal(per_rank[r], shards[r].param.detach())
+        assert torch.equal(per_rank[r], shards[r].flat())
     full = shards[0].unpack(packed)
     for k, v in named:
         assert torch.equal(full[k], v.detach())
@@ -58,11 +58,12 @@ def test_parameter_and_adam_memory_fall_as_one_over_n(n: int) -> None:
     block = ToyBlock(64, 4)
     total = sum(p.numel() for p in block.parameters())
     shard = FlatShard(list(block.named_parameters()), FakeComm(n, 0))
-    opt = torch.optim.Adam([shard.param], lr=1e-3)
-    shard.param.grad = torch.zeros_like(shard.param)
+    opt = torch.optim.Adam(shard.params, lr=1e-3)
+    shard.grad_pieces()
     opt.step()
-    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[shard.param].values() if t.ndim)
-    param_bytes = shard.param.numel() * 4
+    state_bytes = sum(t.numel() * t.element_size() for p in shard.params for t in opt.state[p].values()
+                      if t.ndim)
+    param_bytes = sum(p.numel() * 4 for p in shard.params)
     assert param_bytes + state_bytes == pytest.approx(3 * 4 * total / n, rel=0.01)
 
 
@@ -85,7 +86,7 @@ def test_sharded_block_matches_the_plain_block_forward_and_backward() -> None:
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, gx_ref)
     for i, sb in enumerate(blocks):
-        grads = sb.shard.views(sb.flat.grad)
+        grads = sb.shard.views(sb.shard.grad_pieces())
         for k, g in grads.items():
             torch.testing.assert_close(g, g_ref[f"{i}.{k}"])
     assert pre.gathers == 4  # each block gathered once forward, once backward
@@ -168,7 +169,7 @@ def test_extra_arguments_and_buffers_pass_through() -> None:
     y = sharded[0](x, mask, scale=0.5)
     y.sum().backward()
     torch.testing.assert_close(x.grad, ref_gx)
-    torch.testing.assert_close(sharded[0].shard.views(sharded[0].flat.grad)["lin.weight"], ref_gw)
+    torch.testing.assert_close(sharded[0].shard.views(sharded[0].shard.grad_pieces())["lin.weight"], ref_gw)
 
 
 class LoggingComm(LocalComm):
@@ -232,9 +233,9 @@ def test_fused_qkv_is_three_matrices_and_round_trips(n: int) -> None:
     assert shards[0].slots[0].shard_shape == (8 // n, 8)  # each of q, k, v sliced on its own
     packed = shards[0].pack({k: v.detach() for k, v in named})
     for r in range(n):
-        assert torch.equal(packed.view(n, -1)[r], shards[r].param.detach())
+        assert torch.equal(packed.view(n, -1)[r], shards[r].flat())
     full = shards[0].unpack(packed)
     assert torch.equal(full["qkv.weight"], block.qkv.weight.detach())
     # rank r's q slice holds rows [r*8/n, (r+1)*8/n) of q (the first third of qkv)
     q_rows = block.qkv.weight.detach()[:8].chunk(n)[n - 1]
-    assert torch.equal(shards[n - 1].views(shards[n - 1].param.detach())["qkv.weight#0"], q_rows)
+    assert torch.equal(shards[n - 1].views(shards[n - 1].flat())["qkv.weight#0"], q_rows)

@@ -142,17 +142,46 @@ def shard_shapes(named: Sequence[tuple[str, Sequence[int]]], n: int) -> dict[str
 
 
 class FlatShard:
-    """This rank's flat slice [L] of a list of parameters, plus pack/unpack for collectives."""
+    """This rank's flat slice [L] of a list of parameters, plus pack/unpack for collectives.
 
-    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], comm: ShardComm) -> None:
+    The slice is held as up to two Parameters: first the slots of parameters in `decay` (weight
+    matrices: AdamW's decoupled weight decay, paper App. B.2), then the others, so an optimiser
+    can give the two pieces different param groups.
+    """
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], comm: ShardComm,
+                 decay: frozenset[int] = frozenset()) -> None:
         self.comm = comm
         n = comm.size
         self.parts = {k: fused_parts(k, v.shape) for k, v in named}
+        decayed = {k for k, v in named if id(v) in decay}
         logical = self._to_slots({k: v.detach().float() for k, v in named})
-        self.slots = make_slots([(k, v.shape) for k, v in logical.items()], n)
+        order = sorted(logical, key=lambda slot: slot.split("#")[0] not in decayed)  # stable
+        self.slots = make_slots([(k, logical[k].shape) for k in order], n)
         self.numel = sum(s.shard_numel for s in self.slots)
+        self.n_decay = sum(s.shard_numel for s in self.slots if s.name.split("#")[0] in decayed)
         mine = [split_full(logical[s.name], s, n)[comm.rank] for s in self.slots]
-        self.param = nn.Parameter(torch.cat(mine).clone() if mine else torch.zeros(0))  # [L]
+        flat = torch.cat(mine) if mine else torch.zeros(0)  # [L]
+        pieces = [(flat[:self.n_decay], True), (flat[self.n_decay:], False)]
+        self.params = [nn.Parameter(t.clone()) for t, _ in pieces if t.numel()]
+        self.decays = [d for t, d in pieces if t.numel()]
+        self.sizes = [p.numel() for p in self.params]
+
+    def flat(self) -> torch.Tensor:
+        """This rank's slice [L] (a copy when it has two pieces)."""
+        if len(self.params) == 1:
+            return self.params[0].detach()
+        return torch.cat([p.detach() for p in self.params]) if self.params else torch.zeros(0)
+
+    def grad_pieces(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def set_grad(self, flat: torch.Tensor) -> None:
+        for p, g in zip(self.params, flat.split(self.sizes)):
+            p.grad = g.view_as(p)
 
     def _to_slots(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -180,14 +209,19 @@ class FlatShard:
         parts = [split_full(logical[s.name], s, n) for s in self.slots]  # [slot][rank]
         return torch.cat([parts[i][r] for r in range(n) for i in range(len(self.slots))])
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{name: shard-shaped view} of a [L] buffer (gradient, error buffer, ...)."""
-        return {s.name: flat[s.offset:s.offset + s.shard_numel].view(s.shard_shape)
-                for s in self.slots}
+    def views(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{slot: shard-shaped view} of a [L] buffer or of per-piece buffers (grads, EMA, ...)."""
+        pieces = list(flat.split(self.sizes)) if isinstance(flat, torch.Tensor) else list(flat)
+        out = {}
+        for s in self.slots:
+            i, off = (0, s.offset) if s.offset < self.n_decay or not self.n_decay else (1, s.offset - self.n_decay)
+            i = min(i, len(pieces) - 1)
+            out[s.name] = pieces[i][off:off + s.shard_numel].view(s.shard_shape)
+        return out
 
     def gather(self, name: str, flat: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Full tensors of this rank's slice `flat` (default: the parameters) and its peers'."""
-        flat = self.param.detach() if flat is None else flat
+        flat = self.flat() if flat is None else flat
         return self.unpack(self.comm.wait(self.comm.allgather_async(flat, name)))
 
 
@@ -203,7 +237,7 @@ class Prefetcher:
 
     def _issue(self, i: int) -> None:
         if 0 <= i < len(self.blocks) and i not in self.pending:
-            self.pending[i] = self.comm.allgather_async(self.blocks[i].shard.param.detach(), f"ag.{i}")
+            self.pending[i] = self.comm.allgather_async(self.blocks[i].shard.flat(), f"ag.{i}")
             self.gathers += 1
 
     def full_params(self, i: int, direction: int) -> dict[str, torch.Tensor]:
@@ -221,10 +255,13 @@ class Prefetcher:
 
 
 class _GatherCompute(torch.autograd.Function):
+    """y = block(x, *args) with the block's parameters gathered from the slices `pieces`."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, shard: torch.Tensor, block: "ShardedBlock",
-                kwargs: dict[str, Any], *args: Any) -> torch.Tensor:
-        ctx.block, ctx.args, ctx.kwargs = block, args, kwargs
+    def forward(ctx: Any, x: torch.Tensor, block: "ShardedBlock", kwargs: dict[str, Any],
+                n_pieces: int, *rest: Any) -> torch.Tensor:
+        args = rest[n_pieces:]  # rest = (*pieces, *args): pieces are inputs only for their grads
+        ctx.block, ctx.args, ctx.kwargs, ctx.n_pieces = block, args, kwargs, n_pieces
         ctx.save_for_backward(x)
         params = block.prefetcher.full_params(block.index, +1)
         with torch.no_grad():
@@ -246,17 +283,19 @@ class _GatherCompute(torch.autograd.Function):
         pg = {k: (g if g is not None else torch.zeros_like(v))
               for (k, v), g in zip(params.items(), grads[len(inputs) - len(params):])}
         g_shard = block.shard.comm.reducescatter_mean(block.shard.pack(pg), f"rs.{block.index}")
-        return (gx, g_shard.view_as(block.shard.param), None, None, *([None] * len(ctx.args)))
+        pieces = [g.view_as(p) for g, p in zip(g_shard.split(block.shard.sizes), block.shard.params)]
+        return (gx, None, None, None, *pieces, *([None] * len(ctx.args)))
 
 
 class ShardedBlock(nn.Module):
     """Drop-in replacement of a resblock whose parameters live sharded across the group."""
 
-    def __init__(self, inner: nn.Module, index: int, prefetcher: Prefetcher) -> None:
+    def __init__(self, inner: nn.Module, index: int, prefetcher: Prefetcher,
+                 decay: frozenset[int] = frozenset()) -> None:
         super().__init__()
         named = list(inner.named_parameters())
-        self.shard = FlatShard(named, prefetcher.comm)
-        self.flat = self.shard.param  # registered: the optimizer sees only the 1/n slice
+        self.shard = FlatShard(named, prefetcher.comm, decay)
+        self.flats = nn.ParameterList(self.shard.params)  # the optimizer sees only the 1/n slice
         for _, p in named:
             p.data = torch.empty(0)  # the full copy is dropped; functional_call supplies it
             p.requires_grad_(False)
@@ -278,14 +317,16 @@ class ShardedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Extra arguments (masks, flags) are passed through as constants (no gradient)."""
-        return _GatherCompute.apply(x, self.flat, self, kwargs, *args)
+        pieces = list(self.flats)
+        return _GatherCompute.apply(x, self, kwargs, len(pieces), *pieces, *args)
 
 
-def shard_blocks(blocks: nn.ModuleList, comm: ShardComm) -> Prefetcher:
-    """Replace every block of `blocks` in place by its ShardedBlock; returns their prefetcher."""
+def shard_blocks(blocks: nn.ModuleList, comm: ShardComm, decay: frozenset[int] = frozenset()) -> Prefetcher:
+    """Replace every block of `blocks` in place by its ShardedBlock; returns their prefetcher.
+    `decay`: ids of the parameters that get weight decay (kept in a separate piece)."""
     pre = Prefetcher(comm)
     for i in range(len(blocks)):
-        sb = ShardedBlock(blocks[i], i, pre)
+        sb = ShardedBlock(blocks[i], i, pre, decay)
         pre.blocks.append(sb)
         blocks[i] = sb
     return pre
@@ -302,12 +343,12 @@ class ShardedRest:
     gathered into the module once before the forward pass, reduce-scattered and dropped after the
     backward pass, so only their 1/n slice (and its optimiser state) persists between steps."""
 
-    def __init__(self, model: nn.Module, comm: ShardComm) -> None:
-        sharded = {id(s.param) for s in iter_shards(model)}
+    def __init__(self, model: nn.Module, comm: ShardComm, decay: frozenset[int] = frozenset()) -> None:
+        sharded = {id(p) for s in iter_shards(model) for p in s.params}
         self.named = [(k, p) for k, p in model.named_parameters()
                       if p.requires_grad and id(p) not in sharded]
         self.shapes = {k: p.shape for k, p in self.named}
-        self.shard = FlatShard(self.named, comm)
+        self.shard = FlatShard(self.named, comm, decay)
         self.release()
 
     def materialize(self) -> None:
@@ -319,7 +360,7 @@ class ShardedRest:
     def scatter_grads(self) -> None:
         full = {k: (p.grad if p.grad is not None else torch.zeros(self.shapes[k])) for k, p in self.named}
         grad = self.shard.comm.reducescatter_mean(self.shard.pack(full), "rs.rest")
-        self.shard.param.grad = grad.view_as(self.shard.param)
+        self.shard.set_grad(grad)
         self.release()
 
     def release(self) -> None:

@@ -81,9 +81,11 @@ class ShardedStrategy:
         blocks = model.blocks
         assert isinstance(blocks, nn.ModuleList), "the model keeps its resblocks in model.blocks"
         if getattr(model, "checkpointing", False):
-            model.checkpointing = False  # ShardedBlock already recomputes each block (§2.4)
-        self.prefetcher = shard_blocks(blocks, self.shard_comm)
-        self.rest = ShardedRest(model, self.shard_comm)
+            setattr(model, "checkpointing", False)  # ShardedBlock already recomputes each block (§2.4)
+        # App. B.2 (as dalle.train.prior_loop.param_groups): weight decay on Linear weights only
+        decay = frozenset(id(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
+        self.prefetcher = shard_blocks(blocks, self.shard_comm, decay)
+        self.rest = ShardedRest(model, self.shard_comm, decay)
         self.shards = list(iter_shards(model)) + [self.rest.shard]
         ps = self.cfg.powersgd
         if ps.enabled and self.data is not None:
@@ -93,14 +95,17 @@ class ShardedStrategy:
         return model
 
     def parameters(self) -> list[nn.Parameter]:
-        return [sh.param for sh in self.shards]
+        return [p for sh in self.shards for p in sh.params]
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: the weight-matrix pieces decay, gains/biases/embeddings do not."""
+        pieces = [(p, d) for sh in self.shards for p, d in zip(sh.params, sh.decays)]
+        return [{"params": [p for p, d in pieces if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in pieces if not d], "weight_decay": 0.0}]
 
     def grads(self) -> list[torch.Tensor]:
-        """The slices' gradients (zeros where a slice got none)."""
-        for sh in self.shards:
-            if sh.param.grad is None:
-                sh.param.grad = torch.zeros_like(sh.param)
-        return [sh.param.grad for sh in self.shards if sh.param.grad is not None]
+        """The slices' gradients (zeros where a slice got none), in parameters() order."""
+        return [g for sh in self.shards for g in sh.grad_pieces()]
 
     def _wrapped(self) -> tuple[Prefetcher, ShardedRest]:
         if self.prefetcher is None or self.rest is None:
@@ -113,23 +118,55 @@ class ShardedStrategy:
         rest.materialize()
 
     def after_backward(self) -> None:
-        """Reduce-scatter the rest; average across machines (PowerSGD or plain all-reduce)."""
-        self._wrapped()[1].scatter_grads()
+        """Reduce-scatter the rest; agree on non-finite blocks; average across machines."""
+        prefetcher, rest = self._wrapped()
+        rest.scatter_grads()
         grads = self.grads()
+        scales = self._agree_grad_scales(prefetcher)
         if self.data is None:
             self.wire_bytes_last = 0
             return
+        self._rescale(prefetcher, scales, inverse=True)  # PowerSGD/error buffers in true units
         if self.psgd is not None:
-            named = {f"{i}.{k}": v for i, (sh, g) in enumerate(zip(self.shards, grads))
-                     for k, v in sh.views(g).items()}
+            named = {f"{i}.{k}": v for i, sh in enumerate(self.shards)
+                     for k, v in sh.views(sh.grad_pieces()).items()}
             self.psgd.reduce(named, self.data.allreduce_mean)
             self.wire_bytes_last = self.psgd.wire_bytes()
-            return
-        flat = torch.cat(grads)
-        avg = self.data.allreduce_mean(flat, "grads")
-        for g, part in zip(grads, avg.split([g.numel() for g in grads])):
-            g.copy_(part)
-        self.wire_bytes_last = 4 * flat.numel()
+        else:
+            flat = torch.cat(grads)
+            avg = self.data.allreduce_mean(flat, "grads")
+            for g, part in zip(grads, avg.split([g.numel() for g in grads])):
+                g.copy_(part)
+            self.wire_bytes_last = 4 * flat.numel()
+        self._rescale(prefetcher, scales, inverse=False)  # the loop's scaler unscales them
+
+    def _agree_grad_scales(self, prefetcher: Prefetcher) -> list[float]:
+        """Per-resblock gradient scaling (paper §2.4) across ranks: a block that saw non-finite
+        values on ANY rank is marked bad everywhere, so every rank skips the same steps and keeps
+        the same scales (the reduce-scatter sums gradients in scaled units)."""
+        states = [b.grad_scale for b in prefetcher.blocks]
+        if all(s is None for s in states):
+            return []
+        bad = torch.tensor([float(s is not None and (bool(s.bad) or not all(
+            bool(torch.isfinite(g).all()) for g in b.shard.grad_pieces())))
+            for s, b in zip(states, prefetcher.blocks)])
+        if self.world is not None:
+            bad = self.world.allreduce_sum(bad, "gscale.bad")
+        for s, flag in zip(states, bad.tolist()):
+            if s is not None:
+                s.bad = torch.tensor(flag > 0)
+        return [s.scale if s is not None else 1.0 for s in states]
+
+    @torch.no_grad()
+    def _rescale(self, prefetcher: Prefetcher, scales: list[float], inverse: bool) -> None:
+        for block, scale in zip(prefetcher.blocks, scales):
+            if scale != 1.0:
+                for g in block.shard.grad_pieces():
+                    g.mul_(1.0 / scale if inverse else scale)
+
+    def agree_all(self, flag: bool) -> bool:
+        """True only when `flag` is true on every rank."""
+        return self.agree_min(int(flag)) == 1 if self.world else flag
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm over the whole model (slices summed over the sharding group)."""
@@ -159,16 +196,19 @@ class ShardedStrategy:
 
     def full_state_dict(self, model: nn.Module, ema: bool = False) -> dict[str, torch.Tensor]:
         """The full weights (or their EMA), named as in the unsharded model (collective)."""
-        prefetcher, rest_shard = self._wrapped()[0], self._wrapped()[1].shard
-        flats: list[Optional[torch.Tensor]] = list(self.ema) if ema and self.ema else [None] * len(self.shards)
-        by_shard = dict(zip(map(id, self.shards), flats))
+        prefetcher, rest = self._wrapped()
+        ema_flats = iter(self.ema if ema and self.ema else [])
+        by_shard: dict[int, Optional[torch.Tensor]] = {}
+        for sh in self.shards:
+            pieces = [next(ema_flats) for _ in sh.params] if ema and self.ema else []
+            by_shard[id(sh)] = torch.cat(pieces) if pieces else None
         out: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
             if module in prefetcher.blocks:
                 full = module.shard.gather(f"agfull.{module.index}", by_shard[id(module.shard)])
                 out.update({f"{name}.{k}": v.clone() for k, v in full.items()})
-        rest = rest_shard.gather("agfull.rest", by_shard[id(rest_shard)])
-        out.update({k: v.clone() for k, v in rest.items()})
+        full = rest.shard.gather("agfull.rest", by_shard[id(rest.shard)])
+        out.update({k: v.clone() for k, v in full.items()})
         return out
 
     # ------------------------------------------------------------------ checkpoints
