@@ -103,3 +103,23 @@ def test_embeddings_without_model_is_one_line(tmp_path, repo_root, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert info.value.code == 1 and len(err) == 1 and "clip.safetensors" in err[0]
     assert not (tmp_path / "clean" / "manifest.parquet").exists()
+
+
+def test_overlap_by_contrastive_embeddings(tmp_path, repo_root):
+    """dedup.use_embeddings: the reranker's image embeddings (paper §3.2), a tiny untrained one."""
+    clip = pytest.importorskip("dalle.models.clip")
+    from dalle.config import load_params
+    from dalle.io import save_checkpoint
+
+    params = load_params(repo_root / "params.yaml")
+    config = clip.model_config(params.clip, 64, params.tokenizer.vocab_size,
+                               params.tokenizer.text_len)
+    model = clip.ContrastiveModel(config)
+    (tmp_path / "models").mkdir()
+    save_checkpoint(tmp_path / "models" / "clip.safetensors", model.state_dict(), config)
+    build_raw(tmp_path / "raw")
+    metrics = dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.use_embeddings=true"])
+    overlap = pd.read_parquet(tmp_path / "clean" / "overlap.parquet").set_index("val_key")
+    assert set(overlap["method"]) == {"cosine"} and metrics["overlap_method"] == "cosine"
+    assert overlap.loc["v00", "train_key"] == "t02"  # its JPEG copy is the closest train image
+    assert overlap["distance"].between(-1e-6, 2.0).all()
