@@ -35,11 +35,9 @@ class DvaeShape:
 def dvae_shapes() -> list[DvaeShape]:
     if quick():
         return [DvaeShape("quick", 32, 64, 16, 1, 4, 4, 16, 16)]
-    from dalle.config import load_params
-
-    d = load_params(peers.ROOT / "params.yaml")
-    return [DvaeShape("default", d.data.image_size, d.dvae.vocab_size, d.dvae.n_hid, d.dvae.n_blk_per_group,
-                      d.dvae.batch_size, d.dvae.group_count, d.dvae.n_init, d.dvae.dec_n_hid),
+    d = peers.section("dvae")
+    return [DvaeShape("default", peers.section("data").image_size, d.vocab_size, d.n_hid, d.n_blk_per_group,
+                      d.batch_size, d.group_count, d.n_init, d.dec_n_hid),
             DvaeShape("paper-shaped", 256, 8192, 64, 1, 2, 4, 128, 64)]
 
 

@@ -10,8 +10,11 @@ Only the peers venv has the peers; every builder raises ImportError when its pac
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -48,15 +51,22 @@ class Shape:
         return 6.0 * n + 12.0 * self.n_layers * self.d_model * self.seq_len
 
 
+def section(name: str) -> Any:
+    """One validated section of params.yaml (only the sections a benchmark reads are validated)."""
+    import yaml
+    from dalle import config_sections
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cls = {"prior": config_sections.Prior, "dvae": config_sections.DVAE}.get(name)
+    return cls.model_validate(raw[name]) if cls else SimpleNamespace(**raw[name])
+
+
 def default_shape() -> Shape:
     """The embedded default of params.yaml: tokenizer text_len, dVAE grid and vocab, prior size."""
-    from dalle.config import load_params
-
-    p = load_params(ROOT / "params.yaml")
-    grid = p.data.image_size // 2 ** (p.dvae.group_count - 1)
-    return Shape("default", p.tokenizer.text_len, grid, p.prior.d_model, p.prior.n_layers,
-                 p.prior.n_heads, p.tokenizer.vocab_size, p.dvae.vocab_size, p.prior.batch_size,
-                 p.prior.conv_kernel)
+    prior, dvae, tok = section("prior"), section("dvae"), section("tokenizer")
+    grid = section("data").image_size // 2 ** (dvae.group_count - 1)
+    return Shape("default", tok.text_len, grid, prior.d_model, prior.n_layers, prior.n_heads,
+                 tok.vocab_size, dvae.vocab_size, prior.batch_size, prior.conv_kernel)
 
 
 def shapes() -> list[Shape]:
@@ -65,7 +75,8 @@ def shapes() -> list[Shape]:
     paper = Shape("paper-shaped", 256, 32, 512, 8, 8, 16384, 8192, batch=2, conv_kernel=11)
     if quick():
         return [Shape("quick", 8, 4, 64, 2, 2, 64, 32, batch=2, conv_kernel=3)]
-    return [default_shape(), paper]
+    only = [c for c in os.environ.get("BENCH_CASES", "").split(",") if c]  # e.g. BENCH_CASES=paper-shaped
+    return [s for s in (default_shape(), paper) if not only or s.name in only]
 
 
 def random_batch(shape: Shape, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +121,9 @@ def build_gpt2(shape: Shape) -> torch.nn.Module:
 
 
 def build_ours(shape: Shape) -> torch.nn.Module:
-    from dalle.config import load_params
     from dalle.models.transformer import build_prior
 
-    prior = load_params(ROOT / "params.yaml").prior.model_copy(update={
+    prior = section("prior").model_copy(update={
         "d_model": shape.d_model, "n_layers": shape.n_layers, "n_heads": shape.n_heads,
         "conv_kernel": shape.conv_kernel, "dropout": 0.0, "checkpointing": False})
     return build_prior(prior, shape.text_vocab, shape.text_len, shape.image_vocab, shape.grid)
