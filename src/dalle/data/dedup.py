@@ -24,6 +24,7 @@ import io
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -42,6 +43,7 @@ from dalle.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 OVERLAP_COLUMNS = ["val_key", "train_key", "distance", "method", "overlap"]
 MAX_EXACT_PAIRS = 2_000_000_000  # exact nearest by brute force up to this many val x train pairs
+_MIN_SHARDS_FOR_POOL = 4  # worker start-up (forkserver: thread-safe, imports torch) pays off above
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -94,7 +96,10 @@ def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, keep_pixels: bool = Fa
             for shard, group in ok.groupby("shard", sort=True)]
     found: dict[str, tuple[str, np.ndarray, Any]] = {}
     bar = tqdm(total=len(ok), desc="dedup: hashing", unit="img")
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else _Inline() as pool:
+    parallel = workers > 1 and len(jobs) >= _MIN_SHARDS_FOR_POOL
+    pool_cm = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if parallel \
+        else _Inline()
+    with pool_cm as pool:
         for result in pool.map(_hash_shard, jobs):
             for key, sha, bits, pixels in result:
                 found[key] = (sha, bits, pixels)
