@@ -48,8 +48,9 @@ def place(spec: dict[str, Any], size: int, rng: np.random.Generator,
         angle = math.radians(rng.uniform(-jitter, jitter) * 20)
         rgb = np.clip(np.array(PALETTE[obj["colour"]]) + rng.uniform(-jitter, jitter, 3) * 80,
                       0, 255).round().astype(int)
-        placed.append(dict(obj, x=round(ax * size + dx, 2), y=round(ay * size + dy, 2),
-                           r=round(r, 2), angle=round(angle, 4), rgb=[int(v) for v in rgb]))
+        placed.append(dict(obj, x=round(float(ax * size + dx), 2), y=round(float(ay * size + dy), 2),
+                           r=round(float(r), 2), angle=round(float(angle), 4),
+                           rgb=[int(v) for v in rgb]))
     return placed
 
 
@@ -66,4 +67,4 @@ def render(placed: list[dict[str, Any]], size: int, rng: np.random.Generator,
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
             draw.polygon(_polygon(obj["shape"], cx, cy, r, obj["angle"]), fill=fill)
-    return canvas.resize((size, size), Image.BOX)
+    return canvas.reduce(k)  # box filter: the mean of each k x k block

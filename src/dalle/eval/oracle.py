@@ -76,7 +76,9 @@ def _refine(seed: np.ndarray, dist: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _component(mask: np.ndarray, lab: np.ndarray, h: int, w: int) -> Optional[Object]:
+def _component(mask: np.ndarray, lab: np.ndarray, h: int, w: int,
+               origin: tuple[int, int]) -> Optional[Object]:
+    """Read one component; `mask`/`lab` are a crop whose top-left is `origin` in the image."""
     ys, xs = np.nonzero(mask)
     area = len(ys)
     side = math.sqrt(h * w)
@@ -93,7 +95,8 @@ def _component(mask: np.ndarray, lab: np.ndarray, h: int, w: int) -> Optional[Ob
     core = lab[ys, xs][chroma >= np.median(chroma)]
     colour = _NAMES[int(np.argmin(np.linalg.norm(_PALETTE_LAB - np.median(core, axis=0), axis=-1)))]
     size = "small" if r_eq / side < SIZE_SPLIT else "large"
-    return Object(shape, colour, size, float((cx + 0.5) / w), float((cy + 0.5) / h), area / (h * w))
+    return Object(shape, colour, size, float((cx + origin[1] + 0.5) / w),
+                  float((cy + origin[0] + 0.5) / h), area / (h * w))
 
 
 def parse(image: Any) -> list[Object]:
@@ -105,8 +108,13 @@ def parse(image: Any) -> list[Object]:
     mask = ndimage.binary_opening(dist > 22.0, structure=np.ones((2, 2)))  # ~half the weakest
     labels, n = ndimage.label(mask, structure=np.ones((3, 3)))  # palette contrast (~40 dE)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    objs = [_component(_refine(labels == i, dist), lab, h, w) for i in range(1, n + 1)
-            if sizes[i] >= MIN_AREA_FRAC * h * w]
+    objs = []
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or sizes[i] < MIN_AREA_FRAC * h * w:
+            continue
+        crop = tuple(slice(max(0, b.start - 3), b.stop + 3) for b in box)  # room for _refine
+        origin = (crop[0].start, crop[1].start)
+        objs.append(_component(_refine(labels[crop] == i, dist[crop]), lab[crop], h, w, origin))
     return sorted((o for o in objs if o is not None), key=lambda o: (o.x, o.y))
 
 
