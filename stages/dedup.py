@@ -1,4 +1,4 @@
-"""DVC stage `dedup` (paper §3.2): raw shards -> data/clean/{manifest,overlap}.parquet + metrics."""
+"""DVC stage `dedup` (paper §3.2): raw shards -> data/clean/{manifest,overlap}.parquet, metrics."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence

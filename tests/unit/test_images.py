@@ -1,4 +1,4 @@
-"""dalle.data.images: every mode converted or refused with a reason; bombs refused from the header."""
+"""dalle.data.images: every mode converted or refused with a reason; bombs refused early."""
 from __future__ import annotations
 
 import io

@@ -249,7 +249,8 @@ def clip_embedder(models_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         from dalle.models.clip import image_embeddings
     except ImportError:
         raise ConfigError("dedup.use_embeddings is true but dalle.models.clip.image_embeddings "
-                          "is not available in this version; set dedup.use_embeddings false") from None
+                          "is not available in this version; set dedup.use_embeddings "
+                          "false") from None
     return lambda images: np.asarray(image_embeddings(checkpoint, images), dtype=np.float32)
 
 

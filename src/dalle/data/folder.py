@@ -59,7 +59,8 @@ def _coco_rows(path: Path, root: Path) -> list[Row]:
     dirs = [path.parent, path.parent.parent / split, base / split, base]
     captions: dict[Any, list[tuple[Any, str]]] = {}
     for ann in annotations:
-        captions.setdefault(ann.get("image_id"), []).append((ann.get("id", 0), str(ann.get("caption", ""))))
+        entry = (ann.get("id", 0), str(ann.get("caption", "")))
+        captions.setdefault(ann.get("image_id"), []).append(entry)
     rows = []
     for image in sorted(images, key=lambda im: str(im.get("id"))):
         name = str(image.get("file_name", ""))
@@ -75,11 +76,13 @@ def _coco_rows(path: Path, root: Path) -> list[Row]:
 
 def _sidecar_rows(root: Path) -> list[Row]:
     rows = []
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    for image in sorted(images):
         name = image.relative_to(root).as_posix()
         txt = image.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
-        error = None if caption else f"no_caption: {'empty' if txt.is_file() else 'missing'} {txt.name}"
+        why = "empty" if txt.is_file() else "missing"
+        error = None if caption else f"no_caption: {why} {txt.name}"
         rows.append(Row(image, name, caption, {}, error))
     return rows
 
@@ -134,7 +137,7 @@ def collect_folder(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]
         for shard in todo:
             chunk = rows[shard * size:(shard + 1) * size]
             keys = [shard_key(shard, pos, size) for pos in range(len(chunk))]
-            samples = list(pool.map(lambda kr: load_sample(kr[0], kr[1], data_cfg), zip(keys, chunk)))
+            samples = list(pool.map(lambda k, r: load_sample(k, r, data_cfg), keys, chunk))
             shards.write_shard(out, shard, samples, split_fn)
             bar.update(len(chunk))
     return summarise(out, len(rows), len(todo), tracker, SOURCE)

@@ -87,7 +87,8 @@ def download_sample(key: str, url: str, caption: str, data_cfg: Data, policy: Fe
         body, attempts = fetch(url, policy, limiter)
         meta["attempts"] = attempts
         img = process_image(body, data_cfg.image_size, min_side=cfg.min_side,
-                            max_pixels=cfg.max_pixels, fmt=cfg.image_format, quality=cfg.jpeg_quality)
+                            max_pixels=cfg.max_pixels, fmt=cfg.image_format,
+                            quality=cfg.jpeg_quality)
     except (FetchError, ImageRejected) as exc:
         return shards.Sample(key=key, caption=caption, image_bytes=None, ext=cfg.image_format,
                              meta=meta, status="failed", error=str(exc)[:500], url=url,

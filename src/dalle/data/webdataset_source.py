@@ -50,9 +50,9 @@ def ingest_tar(tar: Path, shard: int, data_cfg: Data, shard_size: int) -> list[s
                 img = process_image(image, data_cfg.image_size, min_side=cfg.min_side,
                                     max_pixels=cfg.max_pixels, fmt=cfg.image_format,
                                     quality=cfg.jpeg_quality)
-                samples.append(shards.Sample(key=new_key, caption=caption or "", image_bytes=img.data,
-                                             ext=img.ext, meta=meta, status="ok", error=None,
-                                             url=url, source=SOURCE))
+                samples.append(shards.Sample(
+                    key=new_key, caption=caption or "", image_bytes=img.data, ext=img.ext,
+                    meta=meta, status="ok", error=None, url=url, source=SOURCE))
                 continue
             except ImageRejected as exc:
                 error = str(exc)
