@@ -32,7 +32,7 @@ def topology(strategy: ShardedStrategy) -> dict[str, int]:
     return {"world": strategy.size, "shard_group": strategy.shard_comm.size}
 
 
-def _check_topology(ckpt_dir: Path, expected: dict[str, int]) -> None:
+def _check_topology(ckpt_dir: Path, expected: dict[str, Any]) -> None:
     """Any rank's checkpoint of another world/shard size is an error, not a silent fresh start
     (ranks that did not exist before would otherwise find nothing and drag the step to 0)."""
     from safetensors import safe_open
@@ -49,29 +49,31 @@ def _check_topology(ckpt_dir: Path, expected: dict[str, int]) -> None:
 
 
 def save_rank(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer, step: int,
-              extra: Optional[dict[str, Any]] = None) -> Path:
+              extra: Optional[dict[str, Any]] = None, config: Optional[dict[str, Any]] = None) -> Path:
     """This rank's slices + optimiser + strategy state at `step` (every rank calls it)."""
     params = strategy.parameters()
     tensors = {f"shard.{i}": p.detach() for i, p in enumerate(params)}
     adam = [dict(opt.state[p]) for p in params]
     state = {"step": step, "adam": adam, "strategy": strategy.state_dict(), "extra": extra or {}}
     path = save_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors", tensors,
-                           topology(strategy), state)
+                           {**(config or {}), **topology(strategy)}, state)
     for old in _mine(ckpt_dir, strategy.rank)[:-2]:  # keep two: see resume_rank
         old.unlink(missing_ok=True)
     return path
 
 
-def resume_rank(ckpt_dir: Path, strategy: ShardedStrategy,
-                opt: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
-    """(step, extra) of the newest checkpoint every rank has; (0, {}) when there is none."""
-    _check_topology(ckpt_dir, topology(strategy))
+def resume_rank(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Optimizer,
+                config: Optional[dict[str, Any]] = None) -> tuple[int, dict[str, Any]]:
+    """(step, extra) of the newest checkpoint every rank has; (0, {}) when there is none.
+    `config` (e.g. the model's) must match the one saved, as must the topology."""
+    expected = {**(config or {}), **topology(strategy)}
+    _check_topology(ckpt_dir, expected)
     latest = max((_step_of(p) for p in _mine(ckpt_dir, strategy.rank)), default=0)
     step = strategy.agree_min(latest)
     if not step:
         return 0, {}
     weights, _, state = load_checkpoint(ckpt_dir / f"rank{strategy.rank}.step{step}.safetensors",
-                                        expected_config=topology(strategy), with_state=True)
+                                        expected_config=expected, with_state=True)
     for i, p in enumerate(strategy.parameters()):
         p.data.copy_(weights[f"shard.{i}"])
         opt.state[p] = dict(state["adam"][i])

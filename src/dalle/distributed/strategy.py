@@ -227,3 +227,11 @@ class ShardedStrategy:
 
     def agree_min(self, value: int) -> int:
         return self.world.allreduce_min(value, "agree") if self.world else value
+
+
+def strategy_for(cfg: Distributed) -> Optional[ShardedStrategy]:
+    """What a stage hands its trainer: a ShardedStrategy on Horovod ranks, None (the trainer's
+    single-process default, no horovod import) otherwise."""
+    from dalle.distributed.launch import under_horovod
+
+    return ShardedStrategy.from_config(cfg) if under_horovod() else None
