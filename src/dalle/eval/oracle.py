@@ -140,7 +140,7 @@ def _match(objs: list[Object], spec: dict) -> list[Object]:
     """The ordering of parsed objects that agrees best with the spec (attributes, then layout)."""
     want = spec["objects"]
 
-    def agree(perm: tuple[Object, ...]) -> tuple[int, bool]:
+    def agree(perm: Any) -> tuple[int, bool]:
         attrs = sum((o.colour == s["colour"]) + (o.shape == s["shape"]) + (o.size == s["size"])
                     for o, s in zip(perm, want))
         return attrs, _relation_ok(spec.get("relation"), list(perm), want)
