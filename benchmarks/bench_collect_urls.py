@@ -3,7 +3,9 @@
 The server (tests/integration/data_server.py, a ThreadingHTTPServer) runs in its own process and
 serves 640x480 JPEGs (a pool of 64 distinct pictures, pre-encoded); the client is the real
 `collect_urls` (download, validate, resize + centre crop to 256, JPEG re-encode, tar shards,
-manifests). Measured: ok images per second of wall time, end to end.
+manifests). Measured: ok images per second of wall time, end to end, and - because a shared
+machine's wall clock says little - the CPU time client + server spend per image, turned into the
+rate two otherwise idle cores would sustain (2 / CPU-seconds per image).
 
     python -m benchmarks.bench_collect_urls      # BENCH_QUICK=1 for a smoke run
 """
@@ -72,7 +74,7 @@ def run(n_urls: int, workers: int, image_size: int = 256) -> tuple[float, int, f
 def main() -> None:
     n_urls = 200 if quick() else 3000
     cores = len(os.sched_getaffinity(0))
-    for workers in (4, 8, 16):
+    for workers in (4, 8, 16):  # per_host = workers (one loopback host)
         seconds, ok, cpu = run(n_urls, workers)
         rate, cpu_ms = ok / seconds, 1000 * cpu / max(ok, 1)
         print(f"workers {workers:>3}: {ok}/{n_urls} ok in {seconds:.1f}s = {rate:.0f} images/s wall; "
