@@ -16,8 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle.io import load_checkpoint
 from dalle.distributed.toy import ToyConfig, ToyModel, toy_batch
+from dalle.io import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prior_job import run_prior  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("worker.py")
@@ -60,7 +63,8 @@ def tail_mean(losses: list[float], n: int = 20) -> float:
 def test_sharded_training_follows_single_process(tmp_path: Path, np_: int, shard_group: int) -> None:
     """Fig. 5 sharding (+ data parallelism across 'machines' at -np 4), compression off."""
     steps = 30
-    jobs = [{"steps": steps}] + ([{"steps": steps, "powersgd": 16}] if np_ > shard_group else [])
+    jobs = [{"steps": steps}, {"kind": "prior", "steps": 8}]
+    jobs += [{"steps": steps, "powersgd": 16}] if np_ > shard_group else []
     proc, result = launch(tmp_path, np_, shard_group, jobs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = reference_losses(ToyConfig(), steps)
@@ -68,8 +72,11 @@ def test_sharded_training_follows_single_process(tmp_path: Path, np_: int, shard
     assert len(got) == steps
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (got, ref)
     assert ref[-1] < ref[0] - 0.1  # it does train
-    if len(result) > 1:  # sharding + PowerSGD together (each shard compressed with rank 16/2)
-        psgd = result[1]
+    prior = run_prior(None, 8)  # the real prior: fused qkv, masks, per-resblock grad scales, AdamW
+    assert result[1]["scales"] == prior["scales"] and prior["scales"][0] > 1024.0  # scales grew alike
+    assert max(abs(a - b) for a, b in zip(result[1]["loss"], prior["loss"])) < 1e-4
+    if len(result) > 2:  # sharding + PowerSGD together (each shard compressed with rank 16/2)
+        psgd = result[2]
         assert psgd["wire_bytes"][0] < 0.6 * result[0]["wire_bytes"][0]
         assert tail_mean(psgd["loss"], 5) < tail_mean(got, 5) + 0.25
 

@@ -26,6 +26,10 @@ def run_job(job: dict[str, Any], groups: Any, size: int, shard_group: int) -> di
                   error_feedback=job.get("ef", True), min_compression_dim=8)
     dist = Distributed(num_proc=size, shard_group_size=shard_group, powersgd=ps)
     strategy = ShardedStrategy(dist, groups)
+    if job.get("kind") == "prior":  # the real prior model (issue 5) on the same strategy
+        from prior_job import run_prior
+
+        return run_prior(strategy, job["steps"])
     stop = job.get("stop")
     dying = strategy.rank == job.get("die_rank", -1)
     if dying:
