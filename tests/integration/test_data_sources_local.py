@@ -102,6 +102,9 @@ def test_webdataset_shards_are_ingested(tmp_path):
     assert metrics["shards_written"] == 2
     again = collect_webdataset(data, Paths(raw=str(raw)), NullTracker())
     assert again["shards_written"] == 0 and again["ok"] == 3  # resumed: nothing redone
+    bigger = data.model_copy(update={"image_size": 48})
+    with pytest.raises(DataError, match="other inputs \\(image_size: 32 -> 48\\)"):
+        collect_webdataset(bigger, Paths(raw=str(raw)), NullTracker())  # never mix old shards
 
 
 @pytest.mark.parametrize("evil", [

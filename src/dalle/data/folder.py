@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dalle.config_sections import Data, Paths
 from dalle.data import shards
-from dalle.data.source_common import shard_key, summarise
+from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
 from dalle.data.images import IMAGE_EXTS, ImageRejected, process_image
 from dalle.errors import DataError
 
@@ -128,6 +128,7 @@ def collect_folder(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]
     """Folder/COCO -> `paths.raw` shards + manifest.parquet; returns metrics."""
     rows = list_rows(data_cfg.folder.path)
     out, size = Path(paths.raw), data_cfg.shard_size
+    check_resume(out, fingerprint(data_cfg, data_cfg.folder, [Path(str(data_cfg.folder.path))]))
     done = shards.completed_shards(out)
     split_fn = shards.split_fn(data_cfg)
     todo = [i for i in range(-(-len(rows) // size)) if i not in done]

@@ -1,6 +1,7 @@
 """Pieces shared by the real-data sources (url_list, folder, webdataset)."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any, Optional
 
 from dalle.data import shards
 from dalle.errors import DataError
+from dalle.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +38,31 @@ def summarise(out: Path, n_rows: Optional[int], n_new: int, tracker: Any, source
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     log.info("%s: %d of %d samples ok; failures %s", source, ok, len(manifest), dict(kinds))
     return metrics
+
+
+FINGERPRINT = "_source.json"
+_OPERATIONAL = {"workers", "timeout_s", "retries", "backoff_s", "per_host"}  # may change on resume
+
+
+def fingerprint(data_cfg: Any, section: Any, inputs: list[Path]) -> dict[str, Any]:
+    """What the shards in `paths.raw` were made from: params + input files (size, mtime)."""
+    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in inputs]
+    return {"source": data_cfg.source, "image_size": data_cfg.image_size,
+            "shard_size": data_cfg.shard_size, "seed": data_cfg.seed,
+            "val_fraction": data_cfg.val_fraction,
+            "section": section.model_dump(mode="json", exclude=_OPERATIONAL),
+            "inputs": files}
+
+
+def check_resume(out: Path, current: dict[str, Any]) -> None:
+    """Resume only shards made from the same inputs and params; record them for next time."""
+    path = out / FINGERPRINT
+    if shards.completed_shards(out):
+        previous = json.loads(path.read_text()) if path.is_file() else {"source": "unknown"}
+        for key in current:
+            if previous.get(key) != current[key]:
+                raise DataError(f"{out} holds shards collected with other inputs ({key}: "
+                                f"{str(previous.get(key))[:80]} -> {str(current[key])[:80]}); "
+                                f"delete {out} to collect afresh")
+        return
+    write_json(path, current)

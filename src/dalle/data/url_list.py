@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dalle.config_sections import Data, Paths, UrlList
 from dalle.data import shards
-from dalle.data.source_common import shard_key, summarise
+from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
 from dalle.data.fetch import FetchError, FetchPolicy, HostLimiter, fetch
 from dalle.data.images import ImageRejected, process_image
 from dalle.errors import DataError
@@ -106,6 +106,7 @@ def collect_urls(data_cfg: Data, paths: Paths, tracker: Any,
     cfg = data_cfg.url_list
     table = read_url_list(cfg)
     out = Path(paths.raw)
+    check_resume(out, fingerprint(data_cfg, cfg, [Path(str(cfg.path))]))
     size = data_cfg.shard_size
     n_shards = -(-len(table) // size)
     done = shards.completed_shards(out)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from dalle.config_sections import Data, Paths
 from dalle.data import shards
 from dalle.data.images import ImageRejected, process_image
-from dalle.data.source_common import shard_key, summarise
+from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
 from dalle.errors import DataError
 
 SOURCE = "webdataset"
@@ -66,6 +66,7 @@ def collect_webdataset(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, 
     """Input tars -> `paths.raw` shards (one per input tar) + manifest.parquet; returns metrics."""
     tars = input_tars(data_cfg.webdataset.paths)
     out = Path(paths.raw)
+    check_resume(out, fingerprint(data_cfg, data_cfg.webdataset, tars))
     done = shards.completed_shards(out)
     split_fn = shards.split_fn(data_cfg)
     todo = [i for i in range(len(tars)) if i not in done]
