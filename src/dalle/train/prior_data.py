@@ -1,0 +1,123 @@
+"""Token data for the prior: the encode stage's npz files, a resumable batch iterator, BPE dropout.
+
+`paths.tokens/{train,val}.npz`: image_tokens uint16 [N, grid²], text_tokens int32 [N, text_len]
+(pad -1), text_lengths int32 [N], keys, captions (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from dalle.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenSet:
+    image_tokens: torch.Tensor  # [N, grid²] long
+    text_tokens: torch.Tensor  # [N, T] long, pad -1
+    text_lengths: torch.Tensor  # [N] long
+    captions: list[str]
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.image_tokens.shape[1])
+
+    def __len__(self) -> int:
+        return self.image_tokens.shape[0]
+
+
+def load_tokens(path: str | Path, text_len: int) -> TokenSet:
+    """Read and check one split; every problem is one DataError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"token file not found: {path} (run the encode stage first)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("image_tokens", "text_tokens", "text_lengths")}
+            captions = [str(c) for c in z["captions"]] if "captions" in z.files else []
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path} is not a valid tokens npz ({' '.join(str(exc).split())[:120]})") from None
+    img, txt, lens = arrays["image_tokens"], arrays["text_tokens"], arrays["text_lengths"]
+    n = img.shape[0]
+    if n == 0 or img.ndim != 2 or math.isqrt(img.shape[1]) ** 2 != img.shape[1]:
+        raise DataError(f"{path}: image_tokens has shape {img.shape}, expected [N>0, grid²]")
+    if txt.shape != (n, text_len) or lens.shape != (n,):
+        raise DataError(f"{path}: text_tokens {txt.shape} / text_lengths {lens.shape} do not match "
+                        f"[{n}, tokenizer.text_len={text_len}]")
+    return TokenSet(torch.from_numpy(img.astype(np.int64)), torch.from_numpy(txt.astype(np.int64)),
+                    torch.from_numpy(lens.astype(np.int64)).clamp(0, text_len), captions)
+
+
+class BatchIterator:
+    """Shuffled epochs from a seed; `position` (epoch, index) is saved so a resumed run continues."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.index = epoch, index
+
+    def _order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        idx: list[torch.Tensor] = []
+        need = self.batch_size
+        while need:
+            order = self._order()[self.index:self.index + need]
+            idx.append(order)
+            need -= order.numel()
+            self.index += order.numel()
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return torch.cat(idx)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+class CaptionDropout:
+    """Re-encodes captions with 10% BPE dropout (paper §2.2 fn. 5) using dalle.data.tokenizer."""
+
+    def __init__(self, tokenizer_path: Path, text_len: int) -> None:
+        from dalle.data.tokenizer import BPETokenizer
+
+        loader = getattr(BPETokenizer, "load", None) or getattr(BPETokenizer, "from_file", None) or BPETokenizer
+        self.tok: Any = loader(str(tokenizer_path))
+        self.text_len = text_len
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, lengths = self.tok.encode_padded(captions, dropout=True)
+        return torch.as_tensor(np.asarray(ids), dtype=torch.long), torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+
+
+def make_caption_dropout(models_dir: str | Path, data: TokenSet, text_len: int) -> Optional[CaptionDropout]:
+    """BPE dropout when the tokenizer and the captions exist; otherwise the stored tokens (logged)."""
+    path = Path(models_dir) / "tokenizer.json"
+    if not data.captions or not path.is_file():
+        log.warning("BPE dropout off: %s", "no captions in the tokens npz" if not data.captions else f"{path} missing")
+        return None
+    try:
+        return CaptionDropout(path, text_len)
+    except (ImportError, AttributeError, TypeError, OSError, ValueError) as exc:
+        log.warning("BPE dropout off: tokenizer unusable (%s)", exc)
+        return None
+
+
+def get_batch(data: TokenSet, idx: torch.Tensor, dropout: Optional[CaptionDropout]) -> tuple[torch.Tensor, ...]:
+    """-> text_ids [B, T], text_lengths [B], image_tokens [B, N] for the rows idx."""
+    text, lengths = data.text_tokens[idx], data.text_lengths[idx]
+    if dropout is not None:
+        text, lengths = dropout([data.captions[i] for i in idx.tolist()])
+    return text, lengths, data.image_tokens[idx]
