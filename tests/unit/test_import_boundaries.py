@@ -9,7 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWED = {
-    "prefect": lambda rel: rel.startswith("flows/"),
+    # scripts/screenshots.py drives a Prefect server for docs/img; it is tooling, not the pipeline
+    "prefect": lambda rel: rel.startswith("flows/") or rel == "scripts/screenshots.py",
     "horovod": lambda rel: rel == "src/dalle/distributed/horovod.py",
     "mlflow": lambda rel: rel == "src/dalle/tracking.py",
 }
