@@ -1,0 +1,187 @@
+"""The `evaluate` stage: FID/IS vs blur radius and vs rerank size, oracle accuracy (paper §3.1-3.2).
+
+* Fig. 9(a): FID/IS of the best-of-N samples vs the clean val images, both blurred with a
+  Gaussian of radius 0, 1, 2, 4, 8.
+* Fig. 9(c): FID/IS of best-of-n (chosen among the first n candidates) for n = 1, 2, 4, ..., N,
+  rebuilt from samples/candidates.npz without resampling.
+* Everything against all val images ("all", the paper's solid lines) and against val minus the
+  images dedup found overlapping train ("no_overlap", the dashed lines).
+* Synthetic world: the oracle's per-attribute and all-correct accuracy of best-of-n, per combo
+  kind ("seen" / "holdout"), as a function of n.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from dalle.config_sections import Evaluate, Paths, Rerank, Tokenizer
+from dalle.errors import DataError
+from dalle.eval import fid as F
+from dalle.eval.plots import line_png, write_plot_json
+from dalle.io import write_json
+
+log = logging.getLogger(__name__)
+ATTRS = ("count", "colour", "shape", "size", "position", "all_correct")
+
+
+def load_candidates(samples: Path) -> dict[str, np.ndarray]:
+    path = samples / "candidates.npz"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run the generate stage first (dvc repro generate)")
+    with np.load(path, allow_pickle=False) as npz:
+        out = {k: npz[k] for k in npz.files}
+    if out["scores"].ndim != 2 or out["scores"].shape[0] == 0:
+        raise DataError(f"{path} holds no candidates (scores shape {out['scores'].shape})")
+    return out
+
+
+def best_of(scores: np.ndarray, n: int) -> np.ndarray:
+    """Paper fig. 9(c): index of the best-scored candidate among the first n -> [C]."""
+    return scores[:, :n].argmax(axis=1)
+
+
+@torch.inference_mode()
+def decode(dvae: Any, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
+    """image tokens [C, G] -> uint8 [C, H, W, 3]."""
+    from dalle.generate import to_uint8
+
+    t = torch.from_numpy(tokens.astype(np.int64))
+    return np.concatenate([to_uint8(dvae.decode(t[i:i + batch])) for i in range(0, len(t), batch)])
+
+
+def reference_sets(paths: Paths) -> dict[str, np.ndarray]:
+    """'all' clean val images, and 'no_overlap': minus overlap.parquet rows with overlap=true."""
+    from dalle.data.reader import load_split
+
+    val = load_split(paths, "val")
+    sets = {"all": np.asarray(val.images)}
+    overlap_path = Path(paths.clean) / "overlap.parquet"
+    if overlap_path.is_file():
+        ov = pd.read_parquet(overlap_path)
+        bad = set(ov.loc[ov["overlap"].astype(bool), "val_key"]) if len(ov) else set()
+        keep = np.array([k not in bad for k in val.keys], dtype=bool)
+        sets["no_overlap"] = sets["all"][keep]
+    else:
+        log.warning("%s not found: the no_overlap reference equals all val images", overlap_path)
+        sets["no_overlap"] = sets["all"]
+    return sets
+
+
+def extractor(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Paths,
+              class_captions: list[str]) -> F.Extractor:
+    """Inception-v3 from evaluate.inception_weights, else the contrastive image encoder."""
+    if cfg.inception_weights:
+        return F.inception_extractor(cfg.inception_weights)
+    from dalle.rerank import load_reranker
+
+    reranker = load_reranker(rerank_cfg, paths, tok_cfg)
+    with torch.no_grad():
+        classes = reranker.encode_text(class_captions)  # [K, D]
+    source = Path(rerank_cfg.clip_checkpoint or Path(paths.models) / "clip.safetensors")
+    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+    return F.clip_extractor(reranker.encode_image, classes, reranker.name, digest)
+
+
+def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarray, n: int
+                ) -> list[dict[str, Any]]:
+    """Per combo kind: mean oracle correctness of each attribute for best-of-n images."""
+    from dalle.eval.oracle import score
+
+    rows = []
+    results = [score(json.loads(s), img) if s else None for s, img in zip(specs, images)]
+    for combo in sorted(set(combos.tolist())):
+        got = [r for r, c in zip(results, combos) if c == combo and r is not None]
+        if got:
+            rows.append({"rerank_size": n, "combo": combo, "n": len(got),
+                         **{a: round(float(np.mean([r[a] for r in got])), 4) for a in ATTRS}})
+    return rows
+
+
+def _specs(paths: Paths, caption_ids: np.ndarray) -> list[Optional[str]]:
+    from dalle.data.reader import eval_captions
+
+    frame = eval_captions(paths)
+    if "spec" not in frame.columns:
+        return [None] * len(caption_ids)
+    by_id = dict(zip(frame["caption_id"].astype(str), frame["spec"]))
+    return [by_id.get(str(c)) if isinstance(by_id.get(str(c)), str) else None for c in caption_ids]
+
+
+def sweeps(cand: dict[str, np.ndarray], dvae: Any, refs: dict[str, np.ndarray], ext: F.Extractor,
+           cfg: Evaluate, specs: list[Optional[str]]) -> tuple[list, list, list]:
+    """(blur rows, rerank rows, oracle rows)."""
+    scores, n_max = cand["scores"], cand["scores"].shape[1]
+    sizes = sorted({n for n in cfg.rerank_sizes if n <= n_max} | {n_max})
+    images = {n: decode(dvae, cand["tokens"][np.arange(len(scores)), best_of(scores, n)])
+              for n in sizes}
+    jobs = [("rerank", n, 0.0, ref) for n in sizes for ref in refs]
+    jobs += [("blur", n_max, float(r), ref) for r in cfg.blur_radii for ref in refs]
+    blur_rows, rerank_rows = [], []
+    for kind, n, radius, ref in tqdm(jobs, desc="evaluate: FID/IS", unit="set"):
+        row = {"rerank_size": n, **F.fidelity(images[n], refs[ref], radius, ext, ref,
+                                              cfg.cache_dir, cfg.batch_size)}
+        (blur_rows if kind == "blur" else rerank_rows).append(row)
+    oracle = [r for n in sizes for r in oracle_rows(images[n], specs, cand["combos"], n)]
+    return blur_rows, rerank_rows, oracle
+
+
+def evaluate(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Paths, tracker: Any
+             ) -> dict[str, Any]:
+    """The `evaluate` stage body: metrics/eval.json, plots/*.json, PNGs to the tracker."""
+    from dalle.models.dvae import load_dvae
+
+    t0 = time.perf_counter()
+    cand = load_candidates(Path(paths.samples))
+    if len(cand["captions"]) == 0:
+        raise DataError(f"{paths.samples}/candidates.npz has an empty caption list")
+    refs = reference_sets(paths)
+    ext = extractor(cfg, rerank_cfg, tok_cfg, paths, sorted(set(cand["captions"].tolist())))
+    dvae = load_dvae(Path(paths.models) / "dvae.safetensors")
+    blur, rerank, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(paths, cand["caption_ids"]))
+    metrics = summarise(blur, rerank, oracle, ext, cand["scores"].shape[1])
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    write_outputs(paths, tracker, blur, rerank, oracle, metrics)
+    return metrics
+
+
+def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"extractor": ext.name, "candidates": n_max}
+    for r in rerank:
+        if r["rerank_size"] in (1, n_max):
+            out[f"fid_{r['reference']}_n{r['rerank_size']}"] = round(r["fid"], 4)
+            out[f"is_{r['reference']}_n{r['rerank_size']}"] = round(r["is"], 4)
+    for r in blur:
+        out[f"fid_{r['reference']}_blur{r['radius']:g}"] = round(r["fid"], 4)
+    for r in oracle:
+        if r["rerank_size"] in (1, n_max):
+            out[f"oracle_all_correct_{r['combo']}_n{r['rerank_size']}"] = r["all_correct"]
+    return out
+
+
+def write_outputs(paths: Paths, tracker: Any, blur: list, rerank: list, oracle: list,
+                  metrics: dict[str, Any]) -> None:
+    plots, metrics_dir = Path(paths.plots), Path(paths.metrics)
+    write_plot_json(plots / "fid_blur.json", blur)
+    write_plot_json(plots / "fid_rerank.json", rerank)
+    write_plot_json(plots / "oracle_rerank.json", oracle)
+    write_json(metrics_dir / "eval.json", metrics)
+    pngs = [line_png(plots / "fid_blur.png", blur, "radius", ["fid", "is"], "reference",
+                     f"FID/IS vs blur radius (fig. 9a; {metrics['extractor']})"),
+            line_png(plots / "fid_rerank.png", rerank, "rerank_size", ["fid", "is"], "reference",
+                     f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True)]
+    if oracle:
+        pngs.append(line_png(plots / "oracle_rerank.png", oracle, "rerank_size",
+                             ["all_correct", "colour", "shape", "position"], "combo",
+                             "oracle accuracy vs rerank size", logx=True))
+    for png in pngs:
+        tracker.log_artifact(png, "plots")
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
