@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 # Tiny sizes for every section that exists; keys a section lacks are skipped (see _tiny_raw).
 TINY = {
-    "data.synthetic.n_images": 96, "data.shard_size": 48,
+    "data.synthetic.n_images": 96, "data.shard_size": 48, "data.image_size": 32,
     "tokenizer.vocab_size": 128, "tokenizer.text_len": 16,
     "dvae.steps": 4, "dvae.batch_size": 8, "dvae.n_hid": 8, "dvae.dec_n_hid": 8,
     "dvae.vocab_size": 32, "dvae.log_every": 2, "dvae.checkpoint_every": 2,
@@ -35,7 +35,9 @@ TINY = {
     "generate.batch_size": 4, "evaluate.blur_radii": [0, 2], "evaluate.rerank_sizes": [1, 2],
 }
 # One knob per stage whose change must rerun that stage (and only what is downstream of it).
-KNOB = {"train_clip": ("clip.lr", 0.002), "dedup": ("dedup.overlap_threshold", 7),
+# encode first: its batch size changes no token, so DVC reruns encode and then stops (train_prior's
+# inputs hash the same) - the "exactly the affected stages" case, and the cheapest one.
+KNOB = {"encode": ("encode.batch_size", 7), "train_clip": ("clip.lr", 0.002), "dedup": ("dedup.overlap_threshold", 7),
         "tokenizer": ("tokenizer.min_frequency", 1), "evaluate": ("evaluate.batch_size", 7),
         "collect": ("data.synthetic.jitter", 0.1)}
 
@@ -86,7 +88,8 @@ def repo(tmp_path_factory) -> Path:
     root.mkdir()
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for tree in ("stages", "src"):  # code deps (imports still resolve to the installed package)
+        shutil.copytree(REPO / tree, root / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / "params.yaml").write_text(yaml.safe_dump(_tiny_raw(), sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, "dvc", "init", "-q")
@@ -126,7 +129,7 @@ def test_exp_run_and_show(repo) -> None:
     declared = _declared()
     stage = next((s for s in KNOB if s in declared), declared[-1])
     key, _ = KNOB[stage]
-    value = 0.0005 if isinstance(KNOB[stage][1], float) else 5
+    value = 0.0005 if isinstance(KNOB[stage][1], float) else 5  # differs from the first test
     out = _run(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"{key}={value}")
     assert stage in _ran(out)
     shown = json.loads(_run(repo, "dvc", "exp", "show", "--json"))
