@@ -109,6 +109,7 @@ class LocalStrategy:
         assert self.model is not None
         if self.ema is None:
             self.ema = EMA(self.model, decay)
+        self.ema.decay = decay  # a resumed EMA is rebuilt before the decay is known
         self.ema.update(self.model)
 
     def full_state_dict(self, model: nn.Module, ema: bool = False) -> dict[str, torch.Tensor]:
