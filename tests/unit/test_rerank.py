@@ -1,0 +1,85 @@
+"""Reranking (paper §2.6): scoring, top-k, and real open_clip weights loaded from a local file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle.config_sections import Rerank
+from dalle.errors import CheckpointError, DataError
+from dalle.rerank import Reranker, from_open_clip, top_k
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def _colour_reranker() -> Reranker:
+    """Embeds an image by its mean colour and a caption by the colour it names."""
+    def image(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.mean(dim=(2, 3)), dim=-1)  # [B, 3]
+
+    def text(captions):
+        return F.normalize(torch.tensor([COLOURS[c.split()[1]] for c in captions]).float(), dim=-1)
+
+    return Reranker(image, text, name="colour", batch_size=2)
+
+
+def _solid(rgb) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (8, 8, 3))
+
+
+def test_score_prefers_the_matching_image_and_top_k_orders_best_first():
+    rr = _colour_reranker()
+    images = np.stack([_solid(COLOURS["blue"]), _solid(COLOURS["red"]), _solid((200, 40, 40))])
+    scores = rr.score(["a red square"] * 3, images)
+    assert scores.shape == (3,) and scores.argmax() == 1
+    assert scores[2] > scores[0]  # reddish beats blue
+    assert top_k(np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]]), 2).tolist() == [[1, 2], [0, 1]]
+    assert rr.score([], np.zeros((0, 8, 8, 3), np.uint8)).shape == (0,)
+    with pytest.raises(DataError, match="2 captions for 3 images"):
+        rr.score(["a red x", "a blue x"], images)
+
+
+def _tiny_open_clip(tmp_path):
+    import open_clip
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "dalle-tiny-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(0)
+    return open_clip.create_model("dalle-tiny-test", pretrained=None).eval()
+
+
+def test_open_clip_checkpoint_loads_from_a_local_file(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _tiny_open_clip(tmp_path)
+    pt, st = tmp_path / "w.pt", tmp_path / "w.safetensors"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pt)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(st))
+    images = (np.random.default_rng(0).random((2, 20, 20, 3)) * 255).astype(np.uint8)
+    got = [from_open_clip(Rerank(clip_checkpoint=str(p), clip_arch="dalle-tiny-test"))
+           .score(["a red circle", "a blue square"], images) for p in (pt, st)]
+    assert got[0].shape == (2,) and np.allclose(got[0], got[1], atol=1e-5)
+    assert np.all(np.abs(got[0]) <= 1.0 + 1e-5)  # cosine similarities
+
+
+def test_open_clip_wrong_architecture_and_bad_files_are_one_line(tmp_path):
+    model = _tiny_open_clip(tmp_path)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}, wrong)
+    with pytest.raises(CheckpointError, match="does not fit rerank.clip_arch 'dalle-tiny-test'"):
+        from_open_clip(Rerank(clip_checkpoint=str(wrong), clip_arch="dalle-tiny-test"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        from_open_clip(Rerank(clip_checkpoint=str(tmp_path / "nope.pt"), clip_arch="dalle-tiny-test"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not weights at all")
+    with pytest.raises(CheckpointError, match="cannot be read as weights"):
+        from_open_clip(Rerank(clip_checkpoint=str(junk), clip_arch="dalle-tiny-test"))
+    with pytest.raises(CheckpointError, match="not an open_clip architecture"):
+        from_open_clip(Rerank(clip_checkpoint=str(wrong), clip_arch="no-such-arch"))
