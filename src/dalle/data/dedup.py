@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dalle.config_sections import Dedup, Paths
 from dalle.data import hamming
-from dalle.data.images import pixel_sha256, to_rgb
+from dalle.data.images import decode_rgb, pixel_sha256, to_rgb
 from dalle.errors import ConfigError, DataError
 from dalle.io import atomic_path, write_json
 
@@ -76,33 +76,33 @@ def hash_image(data: bytes, hash_size: int, crop_scale: float = 1.0, crop_grid: 
     return pixel_sha256(pixels), bits, pixels
 
 
-def _hash_shard(args: tuple[str, frozenset, Dedup, bool]) -> list[tuple[str, str, np.ndarray, Any]]:
+def _hash_shard(args: tuple[str, frozenset, Dedup]) -> list[tuple[str, str, np.ndarray]]:
     from dalle.data.shards import iter_tar
 
-    tar_path, wanted, cfg, keep_pixels = args
+    tar_path, wanted, cfg = args
     out = []
     for key, _ext, image_bytes, _caption, _meta in iter_tar(tar_path):
         if key in wanted and image_bytes is not None:
-            sha, bits, pixels = hash_image(image_bytes, cfg.hash_size, cfg.crop_scale,
-                                           cfg.crop_grid)
-            out.append((key, sha, bits, pixels if keep_pixels else None))
+            sha, bits, _pixels = hash_image(image_bytes, cfg.hash_size, cfg.crop_scale,
+                                            cfg.crop_grid)
+            out.append((key, sha, bits))
     return out
 
 
-def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, keep_pixels: bool = False,
-             workers: int = 2) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Hash the ok rows of each raw shard -> (pixel sha256 per row, bits [N, K+1, B], pixels)."""
-    jobs = [(str(raw_dir / f"{int(shard):05d}.tar"), frozenset(group["key"]), cfg, keep_pixels)
+def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, workers: int = 2
+             ) -> tuple[list[str], np.ndarray]:
+    """Hash the ok rows of each raw shard -> (pixel sha256 per row, bits [N, K+1, B])."""
+    jobs = [(str(raw_dir / f"{int(shard):05d}.tar"), frozenset(group["key"]), cfg)
             for shard, group in ok.groupby("shard", sort=True)]
-    found: dict[str, tuple[str, np.ndarray, Any]] = {}
+    found: dict[str, tuple[str, np.ndarray]] = {}
     bar = tqdm(total=len(ok), desc="dedup: hashing", unit="img")
     parallel = workers > 1 and len(jobs) >= _MIN_SHARDS_FOR_POOL
     pool_cm = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if parallel \
         else _Inline()
     with pool_cm as pool:
         for result in pool.map(_hash_shard, jobs):
-            for key, sha, bits, pixels in result:
-                found[key] = (sha, bits, pixels)
+            for key, sha, bits in result:
+                found[key] = (sha, bits)
             bar.update(len(result))
     bar.close()
     missing = [k for k in ok["key"] if k not in found]
@@ -111,8 +111,33 @@ def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, keep_pixels: bool = Fa
                         f"their shard (first: {missing[0]!r}); rerun collect")
     shas = [found[k][0] for k in ok["key"]]
     bits = np.stack([found[k][1] for k in ok["key"]])
-    pixels = {k: v[2] for k, v in found.items()} if keep_pixels else {}
-    return shas, bits, pixels
+    return shas, bits
+
+
+def embed_raw(raw_dir: Path, rows: pd.DataFrame, embed: Callable[[np.ndarray], np.ndarray],
+              batch: int = 512) -> np.ndarray:
+    """Embeddings [N, D] of `rows` (key, shard), in row order, streamed shard by shard."""
+    from dalle.data.shards import iter_tar
+
+    position = {k: i for i, k in enumerate(rows["key"])}
+    out: list[Any] = [None] * len(rows)
+    keys: list[str] = []
+    images: list[np.ndarray] = []
+
+    def flush() -> None:
+        if images:
+            for key, vector in zip(keys, embed(np.stack(images))):  # [b, H, W, 3] -> [b, D]
+                out[position[key]] = vector
+            keys.clear(), images.clear()
+
+    for shard in sorted(rows["shard"].unique()):
+        for key, _ext, data, _caption, _meta in iter_tar(raw_dir / f"{int(shard):05d}.tar"):
+            if key in position and data is not None:
+                keys.append(key), images.append(decode_rgb(data))
+                if len(images) >= batch:
+                    flush()
+    flush()
+    return np.stack(out)
 
 
 class _Inline:
@@ -246,12 +271,17 @@ def clip_embedder(models_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         raise ConfigError(f"dedup.use_embeddings is true but {checkpoint} does not exist; train "
                           "the contrastive model first (dvc repro train_clip) or set it to false")
     try:
-        from dalle.models.clip import image_embeddings
+        from dalle.models import clip
     except ImportError:
+        clip = None
+    if clip is None or not hasattr(clip, "image_embeddings"):
         raise ConfigError("dedup.use_embeddings is true but dalle.models.clip.image_embeddings "
                           "is not available in this version; set dedup.use_embeddings "
-                          "false") from None
-    return lambda images: np.asarray(image_embeddings(checkpoint, images), dtype=np.float32)
+                          "false")
+    if hasattr(clip, "load_clip") and hasattr(clip, "embed_images"):  # load the model once
+        model = clip.load_clip(checkpoint)
+        return lambda images: np.asarray(clip.embed_images(model, images), dtype=np.float32)
+    return lambda images: np.asarray(clip.image_embeddings(checkpoint, images), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -284,15 +314,15 @@ def mark_duplicates(ok: pd.DataFrame, shas: list[str], bits: np.ndarray,
                      dup_kind=pd.Series(kind, dtype="string", index=ok.index))
 
 
-def _overlap(cfg: Dedup, paths: Paths, clean: pd.DataFrame, bits: np.ndarray,
-             pixels: dict[str, Any]) -> tuple[pd.DataFrame, float]:
+def _overlap(cfg: Dedup, paths: Paths, clean: pd.DataFrame, bits: np.ndarray
+             ) -> tuple[pd.DataFrame, float]:
     kept = clean["dup_of"].isna().to_numpy()
     val = np.flatnonzero(kept & (clean["split"] == "val").to_numpy())
     train = np.flatnonzero(kept & (clean["split"] == "train").to_numpy())
     keys = clean["key"].to_numpy()
     if cfg.use_embeddings:
         embed = clip_embedder(paths.models)
-        vectors = {name: embed(np.stack([pixels[k] for k in keys[rows]]))
+        vectors = {name: embed_raw(Path(paths.raw), clean.iloc[rows], embed)
                    for name, rows in (("val", val), ("train", train)) if len(rows)}
         val_vec, train_vec = vectors.get("val"), vectors.get("train")
         method, threshold = "cosine", cfg.embedding_threshold
@@ -315,9 +345,9 @@ def run_dedup(cfg: Dedup, paths: Paths, tracker: Any, workers: int = 2) -> dict[
     ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     if ok.empty:
         raise DataError(f"{raw}/manifest.parquet has no ok rows; nothing to deduplicate")
-    shas, bits, pixels = hash_raw(raw, ok, cfg, cfg.use_embeddings, workers)
+    shas, bits = hash_raw(raw, ok, cfg, workers)
     clean = mark_duplicates(ok, shas, bits, cfg.near_threshold if cfg.remove_near else None)
-    overlap, threshold = _overlap(cfg, paths, clean, bits, pixels)
+    overlap, threshold = _overlap(cfg, paths, clean, bits)
     out = Path(paths.clean)
     with atomic_path(out / "manifest.parquet") as tmp:
         clean.to_parquet(tmp, index=False)
