@@ -122,7 +122,8 @@ def train_prior(prior_cfg: Any, tokenizer_cfg: Any, paths: Any, tracker: Any, di
     model = build_prior(prior_cfg, tokenizer_cfg.vocab_size, tokenizer_cfg.text_len, vocab, train.grid)
     strategy = distributed or LocalStrategy()
     n_params = count_parameters(model)[0]  # before a sharded strategy slices it
-    trainer = Trainer(prior_cfg, model, strategy, train, make_caption_dropout(models, train, tokenizer_cfg.text_len), seed)
+    dropout = make_caption_dropout(models, train, tokenizer_cfg.text_len, tokenizer_cfg.bpe_dropout)
+    trainer = Trainer(prior_cfg, model, strategy, train, dropout, seed)
     ckpt = models / "prior.ckpt.safetensors"
     if strategy.size > 1:  # sharded (issue 6): per-rank slices, Adam state, error buffers
         from dalle.distributed.checkpoint import resume_rank
@@ -191,6 +192,7 @@ def _finish(trainer: Trainer, tracker: Any, mcfg: dict[str, Any], val: TokenSet,
     model = trainer.model if trainer.strategy.size == 1 else from_config(mcfg)  # sharded: a plain copy
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in weights.items()})
     metrics = {**evaluate(model, val, trainer.cfg), "tokens_per_s": rate, "steps": float(trainer.step),
+               "model_gflop_per_s": rate * model_flops_per_step(trainer.model, 1) / (trainer.model.seq_len - 1) / 1e9,
                "skipped_steps": float(trainer.skipped), "params_total": float(count_parameters(model)[0])}
     if trainer.history:
         metrics.update({f"train_{k}": trainer.history[-1][k] for k in ("loss", "loss_text", "loss_image")})

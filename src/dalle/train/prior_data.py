@@ -9,7 +9,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -88,31 +88,26 @@ class BatchIterator:
 
 
 class CaptionDropout:
-    """Re-encodes captions with 10% BPE dropout (paper §2.2 fn. 5) using dalle.data.tokenizer."""
+    """Re-encodes captions with BPE dropout (paper §2.2 fn. 5: 10%) using dalle.data.tokenizer."""
 
-    def __init__(self, tokenizer_path: Path, text_len: int) -> None:
+    def __init__(self, tokenizer_path: Path, text_len: int, rate: float) -> None:
         from dalle.data.tokenizer import BPETokenizer
 
-        loader = getattr(BPETokenizer, "load", None) or getattr(BPETokenizer, "from_file", None) or BPETokenizer
-        self.tok: Any = loader(str(tokenizer_path))
+        self.tok = BPETokenizer.load(tokenizer_path, dropout=rate)
         self.text_len = text_len
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, lengths = self.tok.encode_padded(captions, dropout=True)
-        return torch.as_tensor(np.asarray(ids), dtype=torch.long), torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        return self.tok.encode_padded(captions, self.text_len, dropout=True)  # [B, T], [B]
 
 
-def make_caption_dropout(models_dir: str | Path, data: TokenSet, text_len: int) -> Optional[CaptionDropout]:
+def make_caption_dropout(models_dir: str | Path, data: TokenSet, text_len: int,
+                         rate: float = 0.1) -> Optional[CaptionDropout]:
     """BPE dropout when the tokenizer and the captions exist; otherwise the stored tokens (logged)."""
     path = Path(models_dir) / "tokenizer.json"
     if not data.captions or not path.is_file():
         log.warning("BPE dropout off: %s", "no captions in the tokens npz" if not data.captions else f"{path} missing")
         return None
-    try:
-        return CaptionDropout(path, text_len)
-    except (ImportError, AttributeError, TypeError, OSError, ValueError) as exc:
-        log.warning("BPE dropout off: tokenizer unusable (%s)", exc)
-        return None
+    return CaptionDropout(path, text_len, rate) if rate > 0 else None
 
 
 def get_batch(data: TokenSet, idx: torch.Tensor, dropout: Optional[CaptionDropout]) -> tuple[torch.Tensor, ...]:

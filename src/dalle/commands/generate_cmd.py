@@ -1,0 +1,122 @@
+"""`dalle generate "caption" -o out.png`: sample images from the trained prior (paper §2.6, §3.3)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from dalle.commands.config_cmd import add_params_args
+from dalle.config import load_params
+from dalle.errors import CheckpointError, ConfigError, DataError
+from dalle.io import atomic_path, check_config, load_checkpoint
+from dalle.models.transformer import DalleTransformer, from_config
+
+log = logging.getLogger(__name__)
+RerankFn = Callable[[list[str], torch.Tensor], torch.Tensor]  # (captions, images [B,3,H,W]) -> order
+
+
+def identity_rerank(captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """Default: candidates in sampling order (the reranking engineer plugs CLIP in here, §2.6)."""
+    return torch.arange(images.shape[0])
+
+
+def encode_prompt(tokenizer: Any, prompt: str, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids [1, T] (pad -1), lengths [1]; empty / unknown-only prompts are one-line errors."""
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; pass a caption, e.g. dalle generate \"a red circle\"")
+    from dalle.data.tokenizer import UNK
+
+    ids = tokenizer.encode([prompt])[0]
+    unk = tokenizer._det.token_to_id(UNK)
+    if not ids or (unk is not None and unk in ids):
+        raise ConfigError(f"the prompt {prompt!r} contains characters the tokenizer does not know "
+                          "(it was trained on the captions of this dataset)")
+    if len(ids) > text_len:
+        log.warning("prompt is %d tokens; truncated to text_len %d", len(ids), text_len)
+    return tokenizer.encode_padded([prompt], text_len)
+
+
+def load_prior(path: Path, params: Any, tokenizer_vocab: int, dvae: Any) -> DalleTransformer:
+    """The EMA prior; its config must agree with params, the tokenizer and the dVAE (one line)."""
+    weights, cfg, _ = load_checkpoint(path)
+    arch = ("n_layers", "d_model", "n_heads", "mlp_ratio", "attention", "conv_kernel")
+    check_config(path, {k: cfg.get(k) for k in arch}, {k: getattr(params.prior, k) for k in arch})
+    grid = dvae.config["image_size"] // dvae.downsample
+    expect = {"text_vocab": tokenizer_vocab, "text_len": params.tokenizer.text_len,
+              "image_vocab": dvae.vocab_size, "grid": grid}
+    check_config(path, {k: cfg.get(k) for k in expect}, expect)
+    model = from_config(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the prior: key {(missing or unexpected)[0]} is "
+                              f"{'missing' if missing else 'unexpected'}")
+    return model.eval()
+
+
+def prime_tokens(path: str, rows: int, dvae: Any) -> torch.Tensor:
+    """The first `rows` grid rows of an image's dVAE tokens (paper §3.3), [1, rows * grid]."""
+    from PIL import Image, UnidentifiedImageError
+
+    size, grid = dvae.config["image_size"], dvae.config["image_size"] // dvae.downsample
+    try:
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"cannot read prime image {path}: {exc}") from None
+    if img.shape[:2] != (size, size):
+        raise DataError(f"prime image {path} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}")
+    if not 0 < rows < grid:
+        raise ConfigError(f"--prime-rows {rows} must be between 1 and {grid - 1} (grid is {grid})")
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
+    return dvae.encode(x)[:, :rows * grid]
+
+
+def generate(args: argparse.Namespace, rerank_fn: RerankFn = identity_rerank) -> int:
+    from dalle.data.tokenizer import BPETokenizer
+    from dalle.models.dvae import load_dvae
+    from dalle.sample import sample_image_tokens
+    from dalle.train.prior_samples import image_grid
+
+    if args.candidates < 1 or not 0 < (args.keep or args.candidates) <= args.candidates:
+        raise ConfigError(f"--keep {args.keep} must be between 1 and --candidates {args.candidates}")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError(f"need --temperature > 0 (got {args.temperature}), 0 < --top-p <= 1 "
+                          f"(got {args.top_p}), --top-k >= 0 (got {args.top_k})")
+    params = load_params(args.params, args.preset, args.overrides)
+    models = Path(params.paths.models)
+    tok = BPETokenizer.load(models / "tokenizer.json", dropout=0.0)
+    ids, lengths = encode_prompt(tok, args.prompt, params.tokenizer.text_len)
+    dvae = load_dvae(models / "dvae.safetensors")
+    prior = load_prior(models / "prior.safetensors", params, tok.vocab_size, dvae)
+    prime = prime_tokens(args.prime, args.prime_rows, dvae) if args.prime else None
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = sample_image_tokens(prior, ids, lengths, args.candidates, args.temperature, args.top_k, args.top_p,
+                                 args.batch_size, gen, prime_tokens=prime, progress=True)
+    images = dvae.decode(tokens).float()  # [N, 3, H, W]
+    pick = rerank_fn([args.prompt] * len(images), images)[: args.keep or args.candidates]
+    grid = image_grid(images[pick], cols=min(len(pick), 8))
+    with atomic_path(args.output) as tmp:
+        grid.save(tmp, format="PNG")
+    print(f"wrote {args.output} ({len(pick)} of {args.candidates} candidates)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample images for a caption from models/prior + dvae")
+    p.add_argument("prompt", help="the caption")
+    p.add_argument("-o", "--output", required=True, help="PNG grid to write")
+    p.add_argument("--candidates", type=int, default=8, help="images to sample (paper: 512)")
+    p.add_argument("--keep", type=int, default=None, help="how many to keep (default: all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prime", default=None, help="image whose top rows prime the sample (paper §3.3)")
+    p.add_argument("--prime-rows", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    add_params_args(p)
+    p.set_defaults(func=lambda a: generate(a))
