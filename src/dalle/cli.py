@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "dalle.commands.config_cmd",
     "dalle.commands.runs_cmd",
     "dalle.commands.dvae_cmd",
+    "dalle.commands.generate_cmd",
 )
 
 
