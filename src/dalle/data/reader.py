@@ -43,7 +43,8 @@ def read_manifest(paths: Paths) -> pd.DataFrame:
         if "dup_of" in frame.columns:
             frame = frame[frame["dup_of"].isna()]
     elif raw.exists():
-        log.warning("%s does not exist (dedup has not run); reading the raw manifest %s", clean, raw)
+        log.warning("%s does not exist (dedup has not run); reading the raw manifest %s",
+                    clean, raw)
         frame = pd.read_parquet(raw)
     else:
         raise DataError(f"no manifest: neither {clean} nor {raw} exists; run the collect stage")

@@ -103,14 +103,15 @@ def _image_size(data: bytes, key: str) -> tuple[int, int]:
 
 
 def _row(sample: Sample, split: str, index: int) -> dict[str, Any]:
-    ok = sample.status == "ok" and sample.image_bytes is not None
+    data = sample.image_bytes
+    ok = sample.status == "ok" and data is not None
     width = height = 0
-    if ok:
-        width, height = _image_size(sample.image_bytes, sample.key)  # type: ignore[arg-type]
+    if data is not None and ok:
+        width, height = _image_size(data, sample.key)
     return {"key": sample.key, "caption": sample.caption, "source": sample.source,
             "url": sample.url, "status": "ok" if ok else "failed",
             "error": None if ok else (sample.error or "failed: no image"),
-            "sha256": hashlib.sha256(sample.image_bytes).hexdigest() if ok else None,  # type: ignore[arg-type]
+            "sha256": hashlib.sha256(data).hexdigest() if data is not None and ok else None,
             "width": width, "height": height, "split": split, "shard": index}
 
 
@@ -134,9 +135,9 @@ def write_shard(out_dir: str | Path, index: int, samples: Iterable[Sample],
                 seen.add(sample.key)
                 row = _row(sample, split_fn(sample.key), index)
                 rows.append(row)
-                if row["status"] == "ok":
+                if row["status"] == "ok" and sample.image_bytes is not None:
                     ext = sample.ext.lower().lstrip(".")
-                    _tar_member(tar, f"{sample.key}.{ext}", sample.image_bytes)  # type: ignore[arg-type]
+                    _tar_member(tar, f"{sample.key}.{ext}", sample.image_bytes)
                     _tar_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
                     meta = dict(sample.meta, key=sample.key, url=sample.url, caption=sample.caption)
                     _tar_member(tar, f"{sample.key}.json",

@@ -32,15 +32,20 @@ RELATION_POSITIONS = {"left of": ("left", "right"), "right of": ("right", "left"
 
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",)}
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-POSITION_PHRASES = {"left": ("on the left", "at the left"), "right": ("on the right", "at the right"),
-                    "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
+POSITION_PHRASES = {"left": ("on the left", "at the left"),
+                    "right": ("on the right", "at the right"),
+                    "top": ("at the top", "near the top"),
+                    "bottom": ("at the bottom", "near the bottom"),
                     "centre": ("in the centre", "in the middle")}
-RELATION_PHRASES = {"left of": ("to the left of", "left of"), "right of": ("to the right of", "right of"),
+RELATION_PHRASES = {"left of": ("to the left of", "left of"),
+                    "right of": ("to the right of", "right of"),
                     "above": ("above", "over"), "below": ("below", "under")}
-SINGLE_TEMPLATES = ("a {o} {p}", "there is a {o} {p}", "{p} there is a {o}", "a picture of a {o} {p}")
+SINGLE_TEMPLATES = ("a {o} {p}", "there is a {o} {p}", "{p} there is a {o}",
+                    "a picture of a {o} {p}")
 PAIR_TEMPLATES = ("a {a} {r} a {b}", "there is a {a} {r} a {b}", "an image of a {a} {r} a {b}")
 TWIN_TEMPLATES = ("two {o}", "there are two {o}", "a picture of two {o}")
-ROW_TEMPLATES = ("a {a}, a {b} and a {c} from left to right", "from left to right: a {a}, a {b} and a {c}")
+ROW_TEMPLATES = ("a {a}, a {b} and a {c} from left to right",
+                 "from left to right: a {a}, a {b} and a {c}")
 
 
 def combo(obj: dict[str, Any]) -> str:
@@ -49,7 +54,8 @@ def combo(obj: dict[str, Any]) -> str:
 
 
 def _obj(rng: np.random.Generator, position: str) -> dict[str, Any]:
-    return {"colour": COLOURS[rng.integers(len(COLOURS))], "shape": SHAPES[rng.integers(len(SHAPES))],
+    return {"colour": COLOURS[rng.integers(len(COLOURS))],
+            "shape": SHAPES[rng.integers(len(SHAPES))],
             "size": SIZES[rng.integers(len(SIZES))], "position": position}
 
 

@@ -48,8 +48,9 @@ def place(spec: dict[str, Any], size: int, rng: np.random.Generator,
         angle = math.radians(rng.uniform(-jitter, jitter) * 20)
         rgb = np.clip(np.array(PALETTE[obj["colour"]]) + rng.uniform(-jitter, jitter, 3) * 80,
                       0, 255).round().astype(int)
-        placed.append(dict(obj, x=round(float(ax * size + dx), 2), y=round(float(ay * size + dy), 2),
-                           r=round(float(r), 2), angle=round(float(angle), 4),
+        placed.append(dict(obj, x=round(float(ax * size + dx), 2),
+                           y=round(float(ay * size + dy), 2), r=round(float(r), 2),
+                           angle=round(float(angle), 4),
                            rgb=[int(v) for v in rgb]))
     return placed
 
