@@ -95,12 +95,12 @@ class SelfAttention(nn.Module):
         return self._merge(y)
 
     def step(self, x: torch.Tensor, pos: int, cache: tuple[torch.Tensor, torch.Tensor],
-             mask_row: torch.Tensor) -> torch.Tensor:
-        """x [B, 1, D] at stream position `pos`; attends cached keys 0..pos where mask_row [pos+1]."""
+             keys: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, D] at stream position `pos`; attends the cached keys `keys` (the allowed
+        entries of the mask row of pos, so sparse rows stay cheap)."""
         q, k, v = self._heads(x)  # [B, H, 1, Dh]
         cache[0][:, :, pos:pos + 1].copy_(k)
         cache[1][:, :, pos:pos + 1].copy_(v)
-        keys = mask_row.nonzero().squeeze(1)  # only the allowed keys: sparse rows stay cheap
         kk = cache[0].index_select(2, keys)  # [B, H, K, Dh]
         vv = cache[1].index_select(2, keys)
         att = (q @ kk.transpose(-1, -2)) / math.sqrt(self.d_head)  # [B, H, 1, K]

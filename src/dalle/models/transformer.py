@@ -46,8 +46,8 @@ class ResBlock(nn.Module):
         return h + self.mlp(self.ln2(h))
 
     def step(self, x: torch.Tensor, pos: int, cache: tuple[torch.Tensor, torch.Tensor],
-             mask_row: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn.step(self.ln1(x), pos, cache, mask_row)
+             keys: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn.step(self.ln1(x), pos, cache, keys)
         return h + self.mlp(self.ln2(h))
 
 
@@ -67,6 +67,7 @@ class DalleTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, text_vocab + image_vocab)  # [text | image] vocabularies
         self._masks: dict[tuple[str, str], torch.Tensor] = {}
+        self._rows: dict[tuple[str, str, int], torch.Tensor] = {}
         self.apply(self._init)
         for block in self.blocks:  # GPT-2 style: residual projections scaled by depth
             for lin in (block.attn.proj, block.mlp[2]):
@@ -89,6 +90,13 @@ class DalleTransformer(nn.Module):
         if key not in self._masks:
             self._masks[key] = stream_mask(kind, self.text_len, self.grid, self.conv_kernel).to(device)
         return self._masks[key]
+
+    def mask_keys(self, kind: str, pos: int, device: torch.device) -> torch.Tensor:
+        """Key indices [K] that position pos may attend in a `kind` layer (cached)."""
+        key = (kind, str(device), pos)
+        if key not in self._rows:
+            self._rows[key] = self.mask(kind, device)[pos, :pos + 1].nonzero().squeeze(1)
+        return self._rows[key]
 
     def embed_text(self, text_ids: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
         """text_ids [B, T] (pad -1), lengths [B] -> [B, T, D] with per-position pad tokens."""
@@ -144,7 +152,7 @@ class DalleTransformer(nn.Module):
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Embedded token x [B, 1, D] at stream position pos -> hidden [B, D] (mask row of pos)."""
         for block, kind, kv in zip(self.blocks, self.kinds, cache):
-            x = block.step(x, pos, kv, self.mask(kind, x.device)[pos, :pos + 1])
+            x = block.step(x, pos, kv, self.mask_keys(kind, pos, x.device))
         return self.ln_f(x[:, -1])
 
 
