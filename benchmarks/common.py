@@ -205,8 +205,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def load_results(results_dir: Path) -> list[dict]:
-    """Every results/<script>.json (written by run.sh), sorted by script name."""
-    return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    """Every results/<script>.json written by run.sh (other JSON files are skipped), by script name."""
+    records = (json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")))
+    return [r for r in records if isinstance(r, dict) and {"script", "rows"} <= r.keys()]
 
 
 def render_block(results: list[dict]) -> str:

@@ -3,7 +3,7 @@
     benchmarks/.venv-peers/bin/python -m benchmarks.profile_prior --impl dalle --what train --shape paper-shaped
 
 Prints the top operators by self CPU time (and the same grouped by input shape with --shapes) and
-writes a Chrome trace to benchmarks/results/profile_<impl>_<what>_<shape>.json (chrome://tracing,
+writes a Chrome trace to benchmarks/results/profiles/profile_<impl>_<what>_<shape>.json (chrome://tracing,
 perfetto). Not run by `make bench`.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.shapes:
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    out = Path("benchmarks/results") / f"profile_{args.impl}_{args.what}_{args.shape}.json"
+    out = Path("benchmarks/results/profiles") / f"profile_{args.impl}_{args.what}_{args.shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out))
     print(f"trace: {out}")

@@ -110,3 +110,10 @@ def test_run_sh_rejects_unknown_benchmark_names():
     r = subprocess.run(["bash", "benchmarks/run.sh", "--no-setup", "bench_does_not_exist"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == "error: no benchmark named bench_does_not_exist (see benchmarks/bench_*.py)"
+
+
+def test_load_results_skips_json_that_is_not_a_run_record(tmp_path):
+    (tmp_path / "bench_a.json").write_text(json.dumps({"script": "bench_a", "rows": []}))
+    (tmp_path / "profile_trace.json").write_text(json.dumps({"traceEvents": []}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert [r["script"] for r in common.load_results(tmp_path)] == ["bench_a"]
