@@ -163,7 +163,8 @@ def fidelity(generated: np.ndarray, real: np.ndarray, radius: float, extractor: 
     out = torch_fidelity.calculate_metrics(
         input1=ImageSet(blur(generated, radius)), input2=ImageSet(blur(real, radius)),
         fid=True, isc=True, isc_splits=max(1, min(10, len(generated) // 2)), cuda=False,
-        batch_size=batch_size, verbose=False, samples_shuffle=False, **kwargs)
+        batch_size=batch_size, verbose=False, samples_shuffle=False,
+        save_cpu_ram=True, **kwargs)  # save_cpu_ram: no DataLoader workers for in-memory sets
     return {"fid": float(out["frechet_inception_distance"]),
             "is": float(out["inception_score_mean"]), "is_std": float(out["inception_score_std"]),
             "extractor": extractor.name, "radius": float(radius), "reference": real_tag,
