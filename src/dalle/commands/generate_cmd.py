@@ -91,7 +91,13 @@ def generate(args: argparse.Namespace, rerank_fn: RerankFn = identity_rerank) ->
     tok = BPETokenizer.load(models / "tokenizer.json", dropout=0.0)
     ids, lengths = encode_prompt(tok, args.prompt, params.tokenizer.text_len)
     dvae = load_dvae(models / "dvae.safetensors")
-    prior = load_prior(models / "prior.safetensors", params, tok.vocab_size, dvae)
+    prior_path = models / "prior.safetensors"
+    if args.model:  # models:/dalle-prior@good, runs:/ID/model or a local dir/file (issue 8)
+        from dalle.tracking import fetch_model
+
+        fetched = fetch_model(args.model)
+        prior_path = fetched / "prior.safetensors" if fetched.is_dir() else fetched
+    prior = load_prior(prior_path, params, tok.vocab_size, dvae)
     prime = prime_tokens(args.prime, args.prime_rows, dvae) if args.prime else None
     gen = torch.Generator().manual_seed(args.seed)
     tokens = sample_image_tokens(prior, ids, lengths, args.candidates, args.temperature, args.top_k, args.top_p,
@@ -118,5 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prime-rows", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, metavar="URI",
+                   help="prior from the MLflow registry (models:/dalle-prior@good) or a path")
     add_params_args(p)
     p.set_defaults(func=lambda a: generate(a))
