@@ -112,10 +112,10 @@ def train_clip(cfg: Clip, data: Data, tok_cfg: Tokenizer, paths: Paths, tracker:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += float(loss)
+        loss_sum += loss.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = (step % cfg.log_every) + 1
-            tracker.log_metrics({"loss": loss_sum / n, "logit_scale": float(model.scale()),
+            tracker.log_metrics({"loss": loss_sum / n, "logit_scale": model.scale().item(),
                                  "lr": _lr(cfg, step)}, step=step + 1)
             bar.set_postfix(loss=f"{loss_sum / n:.3f}")
             loss_sum = 0.0
@@ -136,7 +136,7 @@ def _finish(cfg: Clip, model: ContrastiveModel, config: dict, paths: Paths, toke
     state_path.unlink(missing_ok=True)
     metrics = {"retrieval_top1": round(top1, 4), "retrieval_candidates": cfg.retrieval_candidates,
                "chance": round(1.0 / cfg.retrieval_candidates, 4),
-               "logit_scale": round(float(model.scale()), 3), "train_seconds": round(seconds, 1),
+               "logit_scale": round(model.scale().item(), 3), "train_seconds": round(seconds, 1),
                "params": sum(p.numel() for p in model.parameters())}
     write_json(Path(paths.metrics) / "clip.json", metrics)
     tracker.log_metrics({"retrieval_top1": top1}, step=cfg.steps)
