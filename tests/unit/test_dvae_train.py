@@ -20,6 +20,15 @@ TINY = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, 
             ema_decay=0.9, log_every=1, checkpoint_every=2, channels_last=False)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the math, above all on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_kl_to_uniform_zero_for_uniform_and_log_k_for_one_hot():
     k = 16
     assert kl_to_uniform(torch.zeros(2, k, 3, 3)).abs().max() < 1e-6
