@@ -20,8 +20,7 @@ TINY = {"data.synthetic.n_images": 48, "data.image_size": 16, "data.shard_size":
         "tokenizer.vocab_size": 300, "tokenizer.text_len": 24,
         "dvae.vocab_size": 32, "dvae.n_hid": 8, "dvae.dec_n_hid": 8, "dvae.n_init": 8,
         "dvae.group_count": 3, "dvae.n_blk_per_group": 1, "dvae.steps": 3, "dvae.batch_size": 8,
-        "dvae.log_every": 1, "dvae.checkpoint_every": 2, "dvae.threads": 1,
-        "encode.batch_size": 16, "encode.threads": 1}
+        "dvae.log_every": 1, "dvae.checkpoint_every": 2, "encode.batch_size": 16}
 
 
 def _args(tmp: Path, repo_root: Path, extra: dict | None = None) -> list[str]:
