@@ -151,3 +151,17 @@ def rerank_fn(captions: Sequence[str], images: np.ndarray, params_path: str = "p
     """For `dalle generate --candidates N --keep K`: scores [B] of (caption, uint8 image) pairs
     with the reranker configured in `params_path` (loaded once, cached)."""
     return _cached(str(params_path)).score(captions, images)
+
+
+def cli_rerank_fn(cfg: Rerank, paths: Paths, tok_cfg: Tokenizer
+                  ) -> Callable[[list[str], torch.Tensor], torch.Tensor]:
+    """The `dalle generate` hook: (captions, float images [B, 3, H, W] in [0, 1]) -> candidate
+    indices, best first (paper §2.6), with the configured reranker."""
+    reranker = load_reranker(cfg, paths, tok_cfg)
+    return functools.partial(order_candidates, reranker)
+
+
+def order_candidates(reranker: Reranker, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> LongTensor [B] of indices sorted by score, best first."""
+    u8 = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(top_k(reranker.score(list(captions), u8)[None], len(u8))[0].copy())

@@ -83,3 +83,12 @@ def test_open_clip_wrong_architecture_and_bad_files_are_one_line(tmp_path):
         from_open_clip(Rerank(clip_checkpoint=str(junk), clip_arch="dalle-tiny-test"))
     with pytest.raises(CheckpointError, match="not an open_clip architecture"):
         from_open_clip(Rerank(clip_checkpoint=str(wrong), clip_arch="no-such-arch"))
+
+
+def test_order_candidates_for_the_cli_ranks_float_images_best_first():
+    from dalle.rerank import order_candidates
+
+    rr = _colour_reranker()
+    imgs = torch.from_numpy(np.stack([_solid((0, 0, 255)), _solid((255, 0, 0)), _solid((200, 90, 90))]))
+    floats = imgs.permute(0, 3, 1, 2).float() / 255  # [B, 3, H, W] in [0, 1]
+    assert order_candidates(rr, ["a red dot"] * 3, floats).tolist() == [1, 2, 0]
