@@ -44,7 +44,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("train_clip", ("tokenizer",),
               lambda p: (f"{p.models}/clip.safetensors", f"{p.models}/clip.json"), "clip.json"),
     StageSpec("generate", ("train_prior", "train_clip"), lambda p: (p.samples,), "generate.json"),
-    StageSpec("evaluate", ("generate",), lambda p: (p.plots,), "eval.json"),
+    StageSpec("evaluate", ("generate",), lambda p: tuple(
+        f"{p.plots}/{n}.json" for n in ("fid_blur", "fid_rerank", "oracle_rerank")), "eval.json"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 _capture_lock = threading.Lock()

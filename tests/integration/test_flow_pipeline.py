@@ -48,7 +48,7 @@ def test_flow_runs_dag_with_retry_tracking_and_artifacts(harness, workdir, monke
     assert order == ["collect", "dedup", "evaluate"], order
     assert [r["stage"] for r in results] == ["collect", "dedup", "evaluate"]
     assert results[0]["metrics"] == {"loss": 1 / 3, "n_layers": 3, "seen": "collect"}
-    assert results[0]["outs"] == ["data/raw"] and results[2]["outs"] == ["plots"]
+    assert results[0]["outs"] == ["data/raw"] and results[2]["outs"][0] == "plots/fid_blur.json"
     json.dumps(results)  # plain JSON, no tensors
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
