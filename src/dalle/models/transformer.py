@@ -63,15 +63,20 @@ class DalleTransformer(nn.Module):
         self.text_pos = nn.Embedding(text_len, d_model)
         self.image_emb = nn.Embedding(image_vocab, d_model)
         self.row_emb, self.col_emb = nn.Embedding(grid, d_model), nn.Embedding(grid, d_model)
-        self.blocks = nn.ModuleList(ResBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        blocks = [ResBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, text_vocab + image_vocab)  # [text | image] vocabularies
         self._masks: dict[tuple[str, str], torch.Tensor] = {}
         self._rows: dict[tuple[str, str, int], torch.Tensor] = {}
         self.apply(self._init)
-        for block in self.blocks:  # GPT-2 style: residual projections scaled by depth
+        for block in blocks:  # GPT-2 style: residual projections scaled by depth
             for lin in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))  # type: ignore[arg-type]
+
+    @property
+    def resblocks(self) -> list[ResBlock]:
+        return list(self.blocks)  # type: ignore[arg-type]
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -137,7 +142,7 @@ class DalleTransformer(nn.Module):
     # ------------------------------------------------------------------ KV-cached decoding
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """Preallocated keys/values for the whole stream, per layer."""
-        a = self.blocks[0].attn
+        a = self.resblocks[0].attn
         shape = (batch, a.n_heads, self.seq_len, a.d_head)
         return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
                 for _ in self.blocks]
@@ -145,13 +150,13 @@ class DalleTransformer(nn.Module):
     def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embedded prefix x [B, P, D] -> last hidden state [B, D]; fills cache[:, :, :P]."""
         p = x.shape[1]
-        for block, kind, kv in zip(self.blocks, self.kinds, cache):
+        for block, kind, kv in zip(self.resblocks, self.kinds, cache):
             x = block.prefill(x, self.mask(kind, x.device)[:p, :p], kv)
         return self.ln_f(x[:, -1])
 
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Embedded token x [B, 1, D] at stream position pos -> hidden [B, D] (mask row of pos)."""
-        for block, kind, kv in zip(self.blocks, self.kinds, cache):
+        for block, kind, kv in zip(self.resblocks, self.kinds, cache):
             x = block.step(x, pos, kv, self.mask_keys(kind, pos, x.device))
         return self.ln_f(x[:, -1])
 
@@ -178,5 +183,5 @@ def from_config(cfg: dict[str, Any]) -> DalleTransformer:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding) parameter counts; the paper's 12B is the resblocks' count (Table 1)."""
     total = sum(p.numel() for p in model.parameters())
-    blocks = sum(p.numel() for p in model.blocks.parameters())  # type: ignore[union-attr]
+    blocks = sum(int(p.numel()) for p in model.blocks.parameters())  # type: ignore[union-attr,misc]
     return total, blocks

@@ -48,7 +48,9 @@ def lr_at(step: int, cfg: Any) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decoupled weight decay on weight matrices only, not gains, biases or embeddings (App. B.2)."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
