@@ -23,6 +23,9 @@ from dalle.errors import CheckpointError, OutputError
 
 CONFIG_KEY = "dalle.config"
 STATE_KEY = "dalle.state"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; outputs get the usual mode
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
@@ -53,6 +56,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

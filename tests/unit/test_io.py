@@ -72,3 +72,12 @@ def test_unwritable_output_path_under_a_file(tmp_path) -> None:
         check_writable(blocker / "sub")
     with pytest.raises(OutputError, match="cannot write"):
         write_json(blocker / "x.json", {"a": 1})
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path) -> None:
+    import os
+
+    path = write_json(tmp_path / "m.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
