@@ -74,7 +74,6 @@ def _random_inception_weights(path) -> None:
     torch.save(torch.nn.Module.state_dict(model), path)
 
 
-@pytest.mark.slow  # Inception-v3 at 299x299 on CPU: ~30 s alone, minutes on a loaded machine
 def test_inception_weights_by_path_and_wrong_architecture(tmp_path):
     weights = tmp_path / "pt_inception.pth"
     _random_inception_weights(weights)
