@@ -75,6 +75,17 @@ def prime_tokens(path: str, rows: int, dvae: Any) -> torch.Tensor:
     return dvae.encode(x)[:, :rows * grid]
 
 
+def _default_rerank(params) -> RerankFn:
+    """The configured contrastive reranker (paper §2.6) when one exists, else sampling order."""
+    have_ours = (Path(params.paths.models) / "clip.safetensors").is_file()
+    if not (have_ours or params.rerank.clip_checkpoint):
+        log.warning("no reranker (models/clip.safetensors); keeping candidates in sampling order")
+        return identity_rerank
+    from dalle.rerank import cli_rerank_fn
+
+    return cli_rerank_fn(params.rerank, params.paths, params.tokenizer)
+
+
 def generate(args: argparse.Namespace, rerank_fn: RerankFn = identity_rerank) -> int:
     from dalle.data.tokenizer import BPETokenizer
     from dalle.models.dvae import load_dvae
@@ -103,6 +114,8 @@ def generate(args: argparse.Namespace, rerank_fn: RerankFn = identity_rerank) ->
     tokens = sample_image_tokens(prior, ids, lengths, args.candidates, args.temperature, args.top_k, args.top_p,
                                  args.batch_size, gen, prime_tokens=prime, progress=True)
     images = dvae.decode(tokens).float()  # [N, 3, H, W]
+    if rerank_fn is identity_rerank:
+        rerank_fn = _default_rerank(params)
     pick = rerank_fn([args.prompt] * len(images), images)[: args.keep or args.candidates]
     grid = image_grid(images[pick], cols=min(len(pick), 8))
     with atomic_path(args.output) as tmp:
