@@ -37,18 +37,24 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 def _decode_cached(model: DalleTransformer, text_ids: torch.Tensor, lengths: torch.Tensor,
                    prime: torch.Tensor, draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """One batch: text [b, T], prime [b, R] -> image tokens [b, N]."""
-    n, t = model.grid * model.grid, model.text_len
-    out = torch.empty(text_ids.shape[0], n, dtype=torch.long, device=text_ids.device)
+    """One batch: text [b, T], prime [b, R] -> image tokens [b, N]. Everything a step needs but
+    the new token is prepared once: the KV cache, every layer's key indices per position, the
+    image position embeddings and the image half of the output head."""
+    n, t, dev = model.grid * model.grid, model.text_len, text_ids.device
+    out = torch.empty(text_ids.shape[0], n, dtype=torch.long, device=dev)
     out[:, :prime.shape[1]] = prime
-    dtype = model.head.weight.dtype
-    cache = model.new_cache(text_ids.shape[0], text_ids.device, dtype)
+    cache = model.new_cache(text_ids.shape[0], dev, model.head.weight.dtype)
+    tables = [model.key_table(kind, dev) for kind in model.kinds]
+    pos_emb = model.image_positions(0, n, dev)  # [1, N, D]
+    w_img, b_img = model.head.weight[model.text_vocab:].contiguous(), model.head.bias[model.text_vocab:].contiguous()
     x = torch.cat([model.embed_text(text_ids, lengths), model.embed_image(prime)], 1)  # [b, T+R, D]
     h = model.prefill(x, cache)  # [b, D]
     for i in range(prime.shape[1], n):
-        out[:, i:i + 1] = draw(model.image_logits(h))
+        tok = draw(torch.addmm(b_img, h, w_img.t()))  # [b, 1]
+        out[:, i:i + 1] = tok
         if i + 1 < n:
-            h = model.step(model.embed_image(out[:, i:i + 1], i), t + i, cache)
+            x = model.image_emb(tok) + pos_emb[:, i:i + 1]  # [b, 1, D]
+            h = model.step(x, t + i, cache, [table[t + i] for table in tables])
     return out
 
 

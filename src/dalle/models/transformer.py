@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle.models.attention import SelfAttention, layer_kinds, stream_mask
+from dalle.models.attention import Pattern, SelfAttention, block_layout, layer_kinds, stream_mask
 from dalle.train.grad_scale import BlockScale, scaled_branch
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values) [B, H, L, Dh]
+KVCache = list[torch.Tensor]  # per layer: keys and values [2, B, H, L, Dh]
+IMPLS = ("auto", "masked", "structured")
+STRUCTURED_MIN_GRID = 16  # auto: block layouts from this grid up (measured: docs/benchmarks.md)
 
 
 class ResBlock(nn.Module):
@@ -33,20 +35,19 @@ class ResBlock(nn.Module):
                                  nn.Linear(mlp_ratio * d_model, d_model), nn.Dropout(dropout))
         self.grad_scale: Optional[BlockScale] = None  # set by ResblockScaler (paper §2.4)
 
-    def _branch(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor, mask: Pattern) -> torch.Tensor:
         a = self.attn(self.ln1(x), mask)  # [B, L, D]
         return a + self.mlp(self.ln2(x + a))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Pattern) -> torch.Tensor:
         return scaled_branch(self._branch, x, self.grad_scale, mask)
 
-    def prefill(self, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, mask: Pattern, cache: torch.Tensor) -> torch.Tensor:
         a = self.attn(self.ln1(x), mask, cache)
         h = x + a
         return h + self.mlp(self.ln2(h))
 
-    def step(self, x: torch.Tensor, pos: int, cache: tuple[torch.Tensor, torch.Tensor],
-             keys: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         h = x + self.attn.step(self.ln1(x), pos, cache, keys)
         return h + self.mlp(self.ln2(h))
 
@@ -54,8 +55,12 @@ class ResBlock(nn.Module):
 class DalleTransformer(nn.Module):
     def __init__(self, text_vocab: int, text_len: int, image_vocab: int, grid: int, n_layers: int,
                  d_model: int, n_heads: int, mlp_ratio: int = 4, attention: str = "sparse",
-                 conv_kernel: int = 11, dropout: float = 0.0, checkpointing: bool = False) -> None:
+                 conv_kernel: int = 11, dropout: float = 0.0, checkpointing: bool = False,
+                 attention_impl: str = "auto") -> None:
         super().__init__()
+        if attention_impl not in IMPLS:
+            raise ValueError(f"unknown attention_impl {attention_impl!r}; expected one of {IMPLS}")
+        self.attention_impl, self.dropout = attention_impl, dropout
         self.text_vocab, self.text_len, self.image_vocab, self.grid = text_vocab, text_len, image_vocab, grid
         self.kinds = layer_kinds(n_layers, attention)
         self.conv_kernel, self.checkpointing = conv_kernel, checkpointing
@@ -68,7 +73,7 @@ class DalleTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, text_vocab + image_vocab)  # [text | image] vocabularies
         self._masks: dict[tuple[str, str], torch.Tensor] = {}
-        self._rows: dict[tuple[str, str, int], torch.Tensor] = {}
+        self._keys: dict[tuple[str, str], list[torch.Tensor]] = {}
         self.apply(self._init)
         for block in blocks:  # GPT-2 style: residual projections scaled by depth
             for lin in (block.attn.proj, block.mlp[2]):
@@ -96,12 +101,29 @@ class DalleTransformer(nn.Module):
             self._masks[key] = stream_mask(kind, self.text_len, self.grid, self.conv_kernel).to(device)
         return self._masks[key]
 
-    def mask_keys(self, kind: str, pos: int, device: torch.device) -> torch.Tensor:
-        """Key indices [K] that position pos may attend in a `kind` layer (cached)."""
-        key = (kind, str(device), pos)
-        if key not in self._rows:
-            self._rows[key] = self.mask(kind, device)[pos, :pos + 1].nonzero().squeeze(1)
-        return self._rows[key]
+    def structured(self, kind: str, device: torch.device) -> bool:
+        """Whether `kind` layers run the block layout (exact; skips masked-out blocks, CPU kernels)
+        rather than the boolean-masked fused kernel: `attention_impl`, auto = from grid 16 up."""
+        if kind == "full" or device.type != "cpu" or (self.training and self.dropout > 0):
+            return False
+        return self.attention_impl == "structured" or (
+            self.attention_impl == "auto" and self.grid >= STRUCTURED_MIN_GRID)
+
+    def pattern(self, kind: str, length: int, device: torch.device) -> Pattern:
+        """What a `kind` layer attends with over a stream prefix of `length` positions."""
+        if length > self.text_len and self.structured(kind, device):
+            rows = -(-(length - self.text_len) // self.grid)
+            return block_layout(kind, self.text_len, self.grid, rows, self.conv_kernel, str(device))
+        return self.mask(kind, device)[:length, :length]
+
+    def key_table(self, kind: str, device: torch.device) -> list[torch.Tensor]:
+        """Per stream position p, the key indices [K] that p may attend in a `kind` layer: its mask
+        row's allowed entries, computed once for all positions (cached)."""
+        key = (kind, str(device))
+        if key not in self._keys:
+            mask = self.mask(kind, device)
+            self._keys[key] = [mask[p, :p + 1].nonzero().squeeze(1) for p in range(self.seq_len)]
+        return self._keys[key]
 
     def embed_text(self, text_ids: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
         """text_ids [B, T] (pad -1), lengths [B] -> [B, T, D] with per-position pad tokens."""
@@ -109,17 +131,21 @@ class DalleTransformer(nn.Module):
         ids = torch.where(pos[None] < text_lengths[:, None], text_ids.clamp(min=0), self.text_vocab + pos[None])
         return self.text_emb(ids) + self.text_pos(pos)[None]
 
+    def image_positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Row + column embeddings [1, count, D] of image positions start.. (paper §2.2)."""
+        idx = torch.arange(start, start + count, device=device)
+        return (self.row_emb(idx // self.grid) + self.col_emb(idx % self.grid))[None]
+
     def embed_image(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens [B, n] at image positions start.. -> [B, n, D] (+ row and column embeddings)."""
-        idx = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return self.image_emb(tokens) + self.row_emb(idx // self.grid)[None] + self.col_emb(idx % self.grid)[None]
+        return self.image_emb(tokens) + self.image_positions(start, tokens.shape[1], tokens.device)
 
     def hidden(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, L, D] of the stream text + image_tokens (any prefix length)."""
         x = torch.cat([self.embed_text(text_ids, text_lengths), self.embed_image(image_tokens)], 1)
         length = x.shape[1]
         for block, kind in zip(self.blocks, self.kinds):
-            mask = self.mask(kind, x.device)[:length, :length]
+            mask = self.pattern(kind, length, x.device)
             if self.checkpointing and self.training:
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
@@ -141,23 +167,23 @@ class DalleTransformer(nn.Module):
 
     # ------------------------------------------------------------------ KV-cached decoding
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """Preallocated keys/values for the whole stream, per layer."""
+        """Preallocated keys and values [2, B, H, L, Dh] for the whole stream, per layer."""
         a = self.resblocks[0].attn
-        shape = (batch, a.n_heads, self.seq_len, a.d_head)
-        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return [torch.empty(2, batch, a.n_heads, self.seq_len, a.d_head, device=device, dtype=dtype)
                 for _ in self.blocks]
 
     def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embedded prefix x [B, P, D] -> last hidden state [B, D]; fills cache[:, :, :P]."""
         p = x.shape[1]
         for block, kind, kv in zip(self.resblocks, self.kinds, cache):
-            x = block.prefill(x, self.mask(kind, x.device)[:p, :p], kv)
+            x = block.prefill(x, self.pattern(kind, p, x.device), kv)
         return self.ln_f(x[:, -1])
 
-    def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """Embedded token x [B, 1, D] at stream position pos -> hidden [B, D] (mask row of pos)."""
-        for block, kind, kv in zip(self.resblocks, self.kinds, cache):
-            x = block.step(x, pos, kv, self.mask_keys(kind, pos, x.device))
+    def step(self, x: torch.Tensor, pos: int, cache: KVCache, keys: list[torch.Tensor]) -> torch.Tensor:
+        """Embedded token x [B, 1, D] at stream position pos -> hidden [B, D]; keys[l]: layer l's
+        key_table entry of pos (its mask row)."""
+        for block, kv, k in zip(self.resblocks, cache, keys):
+            x = block.step(x, pos, kv, k)
         return self.ln_f(x[:, -1])
 
 
@@ -165,7 +191,8 @@ def build_prior(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int
     """The prior of a `Prior` config section; its resblocks are `model.blocks`."""
     c = prior_cfg
     return DalleTransformer(text_vocab, text_len, image_vocab, grid, c.n_layers, c.d_model, c.n_heads,
-                            c.mlp_ratio, c.attention, c.conv_kernel, c.dropout, c.checkpointing)
+                            c.mlp_ratio, c.attention, c.conv_kernel, c.dropout, c.checkpointing,
+                            getattr(c, "attention_impl", "auto"))
 
 
 def model_config(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int, grid: int) -> dict[str, Any]:
