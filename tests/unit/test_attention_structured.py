@@ -69,13 +69,15 @@ def test_model_structured_equals_masked(precision: str) -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol * 0.1, msg=name)
 
 
-def test_auto_picks_blocks_from_grid_16_on_cpu_without_dropout() -> None:
+def test_auto_picks_blocks_where_they_pay_on_cpu_without_dropout() -> None:
     cpu = torch.device("cpu")
-    small, big = DalleTransformer(10, 4, 8, 8, 3, 16, 2), DalleTransformer(10, 4, 8, 16, 3, 16, 2)
-    assert not small.structured("row", cpu) and big.structured("row", cpu) and not big.structured("full", cpu)
+    small, mid, big = (DalleTransformer(10, 4, 8, g, 3, 16, 2) for g in (8, 16, 32))
+    assert not any(small.structured(kind, cpu) for kind in ("row", "column", "conv", "full"))
+    assert mid.structured("column", cpu) and not mid.structured("row", cpu) and not mid.structured("conv", cpu)
+    assert big.structured("row", cpu) and big.structured("conv", cpu) and not big.structured("full", cpu)
     assert not big.structured("conv", torch.device("meta"))  # the block path uses the CPU flash kernels
     assert isinstance(big.pattern("row", 4, cpu), torch.Tensor)  # text only: plain mask
-    drop, _ = pair(16, dropout=0.1)
+    drop, _ = pair(32, dropout=0.1)
     assert not drop.structured("row", cpu) and drop.eval().structured("row", cpu)  # dropout: masked
     with pytest.raises(ValueError, match="attention_impl"):
         DalleTransformer(10, 4, 8, 8, 3, 16, 2, attention_impl="sparse-ish")

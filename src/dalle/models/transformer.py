@@ -21,7 +21,9 @@ from dalle.train.grad_scale import BlockScale, scaled_branch
 
 KVCache = list[torch.Tensor]  # per layer: keys and values [2, B, H, L, Dh]
 IMPLS = ("auto", "masked", "structured")
-STRUCTURED_MIN_GRID = 16  # auto: block layouts from this grid up (measured: docs/benchmarks.md)
+# auto: block layouts from these grids up; below, the masked fused kernel was as fast or faster
+# (fwd + bwd of one layer, 1 thread, measured in docs/benchmarks.md "Structured sparse attention")
+STRUCTURED_MIN_GRID = {"row": 32, "column": 16, "conv": 32}
 
 
 class ResBlock(nn.Module):
@@ -103,11 +105,11 @@ class DalleTransformer(nn.Module):
 
     def structured(self, kind: str, device: torch.device) -> bool:
         """Whether `kind` layers run the block layout (exact; skips masked-out blocks, CPU kernels)
-        rather than the boolean-masked fused kernel: `attention_impl`, auto = from grid 16 up."""
+        rather than the boolean-masked fused kernel: `attention_impl`; auto = STRUCTURED_MIN_GRID."""
         if kind == "full" or device.type != "cpu" or (self.training and self.dropout > 0):
             return False
         return self.attention_impl == "structured" or (
-            self.attention_impl == "auto" and self.grid >= STRUCTURED_MIN_GRID)
+            self.attention_impl == "auto" and self.grid >= STRUCTURED_MIN_GRID[kind])
 
     def pattern(self, kind: str, length: int, device: torch.device) -> Pattern:
         """What a `kind` layer attends with over a stream prefix of `length` positions."""
