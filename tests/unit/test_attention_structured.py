@@ -103,3 +103,13 @@ def test_prior_loss_warns_nothing() -> None:
                 loss, stats = prior_loss(a, ids, lengths, img)
             loss.backward()
             assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_structured_under_activation_checkpointing() -> None:
+    a, b = pair()
+    a.checkpointing = True
+    ids, lengths, img = torch.randint(0, 40, (2, 6)), torch.tensor([3, 6]), torch.randint(0, 24, (2, 16))
+    for m in (a, b):
+        prior_loss(m, ids, lengths, img)[0].backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
