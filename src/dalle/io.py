@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,13 +29,41 @@ STATE_KEY = "dalle.state"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; outputs get the usual mode
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.{_HOST}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_tmp(path: Path) -> None:
+    """Remove temporaries of `path` left by a writer of this host that was killed (pid gone).
+
+    A kill -9 between writing and renaming leaves `.<name>.<host>.<pid>.*.tmp`; without this a
+    rerun would leave it inside the output (DVC would cache it with a directory output).
+    """
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}.*.tmp"):
+        pid = old.name[len(f".{path.name}.{_HOST}."):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(path)
     maker = tempfile.mkdtemp if is_dir else tempfile.mkstemp
-    made = maker(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    made = maker(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     if not is_dir:
         os.close(made[0])
         made = made[1]
@@ -76,14 +107,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise _output_error(final, exc) from None
     try:
         yield tmp
-        old = None
+        old = final.with_name(f".{final.name}.old")  # also one left by a run killed right here
+        shutil.rmtree(old, ignore_errors=True)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _output_error(final, exc) from None
