@@ -20,6 +20,7 @@ IntTup = Annotated[tuple[int, ...], BeforeValidator(_as_tuple)]
 FloatTup = Annotated[tuple[float, ...], BeforeValidator(_as_tuple)]
 StrTup = Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
 Pos = Field(gt=0)
+Device = Literal["auto", "cpu", "cuda"]  # auto: cuda where torch sees a GPU, else cpu
 
 
 class Section(BaseModel):
@@ -147,6 +148,8 @@ class DVAE(Section):
     weight_decay: float = Field(1e-4, ge=0)
     tau_start: float = Field(1.0, gt=0)  # paper A.2: tau 1 -> 1/16
     tau_final: float = Field(1.0 / 16, gt=0)
+    straight_through: bool = False  # paper: soft relaxation; True feeds the decoder hard one-hots
+    zero_init_logits: bool = True  # our choice: encoder output conv starts at 0 (docs/decisions.md)
     tau_frac: float = Field(0.05, gt=0, le=1)  # paper: 150k of 3M updates
     kl_max: float = Field(6.6, ge=0)  # paper §2.1: beta up to 6.6
     kl_frac: float = Field(0.0017, gt=0, le=1)  # paper: 5k of 3M updates
@@ -156,6 +159,7 @@ class DVAE(Section):
     checkpoint_every: int = Field(200, gt=0)
     channels_last: bool = True
     threads: int = Field(0, ge=0)  # 0: torch default
+    device: Device = "auto"
 
 
 class Encode(Section):
@@ -193,6 +197,7 @@ class Prior(Section):
     sample_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     compile: bool = False
+    device: Device = "auto"  # the single-process trainer; sharded ranks stay on their CPU tensors
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "Prior":

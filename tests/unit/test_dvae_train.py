@@ -116,3 +116,36 @@ def test_resume_from_other_config_names_the_key(tmp_path):
         train_dvae(DVAE(**TINY), _paths(tmp_path), _Killer(at=3), 0, train, val)
     with pytest.raises(CheckpointError, match=r"lr is 0.001 in the checkpoint but 0.002"):
         train_dvae(DVAE(**{**TINY, "lr": 2e-3}), _paths(tmp_path), NullTracker(), 0, train, val)
+
+
+def test_zero_init_logits_starts_every_code_equal(tmp_path):
+    """Our choice (docs/decisions.md): with the released init one code wins everywhere at step 0
+    (the mapped pixels' DC term), the start of the codebook collapse the paper's footnote 4 names."""
+    from dalle.train.dvae import _Trainer
+
+    x = torch.rand(4, 3, 8, 8)
+    for zero in (True, False):
+        trainer = _Trainer(DVAE(**{**TINY, "zero_init_logits": zero}), 8, 0, tmp_path / "s.safetensors")
+        logits = trainer.model.logits(x)  # [4, K, 4, 4]
+        spread = (logits - logits.mean(1, keepdim=True)).abs().max().item()
+        assert (spread == 0.0) is zero
+
+
+def test_straight_through_trains_and_reaches_the_encoder():
+    model = DiscreteVAE({**{k: TINY[k] for k in ("vocab_size", "n_hid", "n_blk_per_group",
+                                                  "group_count", "n_init", "dec_n_hid")},
+                         "image_size": 8})
+    terms = elb_terms(model, torch.rand(2, 3, 8, 8), tau=0.5, beta=1.0, hard=True)
+    terms.loss.backward()
+    assert model.encoder.blocks.output.conv.w.grad.abs().sum() > 0
+
+
+def test_device_resolution():
+    from dalle.errors import ConfigError
+    from dalle.train.common import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: cuda"):
+            resolve_device("cuda")

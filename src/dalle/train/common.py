@@ -80,3 +80,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """params `device`: "auto" -> cuda when torch sees a GPU, else cpu; "cuda" without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from dalle.errors import ConfigError
+
+        raise ConfigError("device: cuda was asked for but torch sees no GPU (use auto or cpu)")
+    return torch.device(name)

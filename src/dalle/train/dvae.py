@@ -21,14 +21,14 @@ from dalle.config_sections import DVAE, Paths
 from dalle.errors import CheckpointError, DataError
 from dalle.io import load_checkpoint, save_checkpoint, write_json
 from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, model_config, to_float
-from dalle.train.common import EMA, cosine_anneal, rng_state, seed_everything, set_rng_state
+from dalle.train.common import EMA, cosine_anneal, resolve_device, rng_state, seed_everything, set_rng_state
 from dalle.train.dvae_eval import evaluate_dvae, save_dvae
 from dalle.train.dvae_loss import codebook_usage, elb_terms
 
 
 log = logging.getLogger("dalle.dvae")
 STATE_FILE = "dvae_train_state.safetensors"
-_NOT_IN_RESUME_CHECK = ("log_every", "checkpoint_every", "threads", "channels_last")
+_NOT_IN_RESUME_CHECK = ("log_every", "checkpoint_every", "threads", "channels_last", "device")
 
 
 def schedules(cfg: DVAE, step: int) -> dict[str, float]:
@@ -67,7 +67,10 @@ class _Trainer:
         self.cfg, self.state_path = cfg, state_path
         self.model = DiscreteVAE(model_config(cfg, image_size))
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.fmt)
+        if cfg.zero_init_logits:  # all codes start equal: no code wins by the input's DC term
+            torch.nn.init.zeros_(self.model.encoder.blocks.output.conv.w)
+        self.device = resolve_device(cfg.device)
+        self.model.to(self.device, memory_format=self.fmt)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                      eps=1e-8, weight_decay=cfg.weight_decay)  # paper App. A.2
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -97,7 +100,7 @@ class _Trainer:
         sched = schedules(self.cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
-        terms = elb_terms(self.model, images, sched["tau"], sched["beta"])
+        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], self.cfg.straight_through)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         self.opt.step()
@@ -136,7 +139,7 @@ def train_dvae(cfg: DVAE, paths: Paths, tracker: Any, seed: int = 0,
     t0, n0 = time.perf_counter(), trainer.step
     while trainer.step < cfg.steps:
         idx = batch_indices(len(train), cfg.batch_size, trainer.step, seed)
-        out = trainer.train_step(to_float(train[idx], trainer.fmt))
+        out = trainer.train_step(to_float(train[idx].to(trainer.device), trainer.fmt))
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
             rate = (trainer.step - n0) * cfg.batch_size / (time.perf_counter() - t0)
@@ -148,7 +151,7 @@ def train_dvae(cfg: DVAE, paths: Paths, tracker: Any, seed: int = 0,
     bar.close()
     train_s = time.perf_counter() - t0
     trainer.ema.copy_to(trainer.model)  # the EMA weights are what is saved and used
-    model = trainer.model.eval()
+    model = trainer.model.cpu().eval()
     val_np, val_captions = val if val is not None else _load_images(paths, "val")
     metrics = evaluate_dvae(model, val_np, val_captions, paths, tracker)
     metrics.update({"train_seconds": round(train_s, 2), "steps": cfg.steps, "image_size": image_size})

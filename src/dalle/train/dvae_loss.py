@@ -26,12 +26,14 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1)
 
 
-def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float) -> ElbTerms:
+def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float,
+              hard: bool = False) -> ElbTerms:
     """images: float [B, 3, H, W] in [0,1]. Paper §2.1: gumbel-softmax relaxation at temperature
-    tau, KL weight beta; App. A.2: the loss is divided by H*W*3 (beta/192 at 256^2, 32^2 grid)."""
+    tau, KL weight beta; App. A.2: the loss is divided by H*W*3 (beta/192 at 256^2, 32^2 grid).
+    hard=True is the straight-through variant (one-hot forward, relaxed gradient; not the paper's)."""
     x = map_pixels(images)  # paper App. A.3: eps-mapped pixels
     logits = model.encoder(x).float()  # [B, K, h, w]
-    z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)  # relaxed one-hot [B, K, h, w]
+    z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)  # relaxed one-hot [B, K, h, w]
     mu, ln_b = model.decode_stats(z)  # each [B, 3, H, W]
     n_dims = images[0].numel()  # H*W*3
     nll = -logit_laplace_log_prob(x.float(), mu, ln_b).flatten(1).sum(1) / n_dims  # [B]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dalle.io import load_checkpoint, save_checkpoint, write_json
 from dalle.models.transformer import DalleTransformer, build_prior, count_parameters, from_config, model_config
-from dalle.train.common import rng_state, seed_everything, set_rng_state
+from dalle.train.common import resolve_device, rng_state, seed_everything, set_rng_state
 from dalle.train.grad_scale import ResblockScaler
 from dalle.train.prior_data import BatchIterator, TokenSet, get_batch, load_tokens, make_caption_dropout
 from dalle.train.prior_loop import (LocalStrategy, autocast_for, finite, lr_at, make_optimizer,
@@ -120,6 +120,8 @@ def train_prior(prior_cfg: Any, tokenizer_cfg: Any, paths: Any, tracker: Any, di
     seed_everything(seed)
     mcfg = model_config(prior_cfg, tokenizer_cfg.vocab_size, tokenizer_cfg.text_len, vocab, train.grid)
     model = build_prior(prior_cfg, tokenizer_cfg.vocab_size, tokenizer_cfg.text_len, vocab, train.grid)
+    if distributed is None:
+        model.to(resolve_device(prior_cfg.device))
     strategy = distributed or LocalStrategy()
     n_params = count_parameters(model)[0]  # before a sharded strategy slices it
     dropout = make_caption_dropout(models, train, tokenizer_cfg.text_len, tokenizer_cfg.bpe_dropout)

@@ -37,7 +37,7 @@ def tokens_as_images(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def decode_tokens(tokens: torch.Tensor, dvae: Optional[Any], vocab: int) -> torch.Tensor:
-    return dvae.decode(tokens).float() if dvae is not None else tokens_as_images(tokens, vocab)
+    return dvae.decode(tokens.cpu()).float() if dvae is not None else tokens_as_images(tokens, vocab)
 
 
 def log_samples(model: DalleTransformer, val: TokenSet, models: Path, tracker: Any, step: int,
@@ -52,7 +52,7 @@ def log_samples(model: DalleTransformer, val: TokenSet, models: Path, tracker: A
         except Exception as exc:  # noqa: BLE001 - a broken dVAE must not stop training
             log.warning("sample grid without dVAE decoding: %s", exc)
     k = min(n_captions, len(val))
-    gen = torch.Generator().manual_seed(step)
+    gen = torch.Generator(device=model.head.weight.device).manual_seed(step)
     tokens = sample_image_tokens(model, val.text_tokens[:k], val.text_lengths[:k], n_per_caption,
                                  batch_size=k * n_per_caption, generator=gen)
     grid = image_grid(decode_tokens(tokens, dvae, model.image_vocab), n_per_caption)
