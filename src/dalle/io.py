@@ -10,6 +10,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -215,7 +216,45 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
         metadata[STATE_KEY] = json.dumps(skeleton, default=_json_default)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
+        if state is not None:
+            _keep_previous(Path(path))
     return Path(path)
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the last good training-state checkpoint is kept when a new one replaces it."""
+    return Path(f"{path}.prev")
+
+
+def _intact(path: Path) -> bool:
+    """A complete safetensors file: its header parses and the file is as long as it says."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _keep_previous(path: Path) -> None:
+    """Before a training-state checkpoint is replaced, hard-link the intact one to `<path>.prev`
+    (the path itself never goes missing); with no current one, a stale .prev is dropped."""
+    prev = previous_path(path)
+    if not path.exists():
+        prev.unlink(missing_ok=True)
+    elif _intact(path):
+        link = _tmp_sibling(prev)
+        link.unlink()
+        os.link(path, link)
+        os.replace(link, prev)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a training-state checkpoint and its kept previous one (training finished)."""
+    Path(path).unlink(missing_ok=True)
+    previous_path(path).unlink(missing_ok=True)
 
 
 def _sniff(path: Path) -> None:
@@ -232,8 +271,23 @@ def _sniff(path: Path) -> None:
 
 def load_checkpoint(path: str | Path, expected_config: Mapping[str, Any] | None = None,
                     with_state: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
-    """Read (weights, config, state). Raises CheckpointError on any problem, in one line."""
-    path = Path(path)
+    """Read (weights, config, state). Raises CheckpointError on any problem, in one line.
+
+    A training-state checkpoint (`with_state`) that cannot be read falls back to `<path>.prev`,
+    the previous good one kept by `save_checkpoint`, with a warning naming both."""
+    try:
+        return _load_checkpoint(Path(path), expected_config, with_state)
+    except CheckpointError as exc:
+        prev = previous_path(path)
+        if not with_state or _intact(Path(path)) or not _intact(prev):
+            raise  # only a torn/missing file falls back, never a config mismatch
+        logging.getLogger("dalle.io").warning("%s; resuming from the previous checkpoint %s",
+                                              exc.one_line(), prev)
+        return _load_checkpoint(prev, expected_config, with_state)
+
+
+def _load_checkpoint(path: Path, expected_config: Mapping[str, Any] | None,
+                     with_state: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     _sniff(path)
     try:
         from safetensors import safe_open
