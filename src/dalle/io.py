@@ -215,7 +215,11 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
         flat.update(state_tensors)
         metadata[STATE_KEY] = json.dumps(skeleton, default=_json_default)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # the Rust writer's I/O errors are not OSErrors
+            full = "No space left" in str(exc) or "os error 28" in str(exc)
+            raise OutputError(f"cannot write {path}: {'disk full' if full else ' '.join(str(exc).split())}") from None
         if state is not None:
             _keep_previous(Path(path))
     return Path(path)
