@@ -11,6 +11,11 @@ Image -> image patterns for image queries i and keys j in raster order, w = grid
 * full:          j <= i            (dense comparison option)
 Layer i (1-based) of n (App. B.1): the last layer is convolutional; otherwise column when
 (i - 2) mod 4 == 0, else row -> layers 1..4 are row, column, row, row.
+
+Two exact ways to compute a layer: the boolean stream mask fed to the fused SDPA kernel (any
+device; it cannot skip masked-out blocks), or `structured_attention` over a `BlockLayout` (CPU
+flash kernels on the text block and on per-row / per-column / per-conv-window image blocks, merged
+by log-sum-exp), whose cost is n * (T + K) instead of (T + n)².
 """
 from __future__ import annotations
 
