@@ -56,7 +56,8 @@ def test_model_structured_equals_masked(precision: str) -> None:
     a, b = pair()
     assert a.kinds == ["row", "column", "row", "row", "conv"]
     g = torch.Generator().manual_seed(1)
-    ids, lengths, img = torch.randint(0, 40, (3, 6), generator=g), torch.tensor([2, 6, 4]), torch.randint(0, 24, (3, 16), generator=g)
+    ids, lengths = torch.randint(0, 40, (3, 6), generator=g), torch.tensor([2, 6, 4])
+    img = torch.randint(0, 24, (3, 16), generator=g)
     losses = []
     for m in (a, b):
         with autocast_for(precision, torch.device("cpu")):
