@@ -84,8 +84,10 @@ def _install_hooks(kill_at: Optional[int], count_file: Path) -> None:
     tqdm.tqdm.update = update
 
 
-def _child(module: str, argv: list[str], kill_at: Optional[int], work: str) -> None:
+def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd: Optional[str]) -> None:
     count_file, err_file = Path(work) / "events", Path(work) / "stderr"
+    if cwd is not None:
+        os.chdir(cwd)
     os.setpgid(0, 0)  # own process group: a kill takes the stage's workers with it
     err = open(err_file, "w")  # noqa: SIM115 - stays open until the (possibly killed) end
     os.dup2(err.fileno(), 2)
@@ -105,11 +107,15 @@ def _child(module: str, argv: list[str], kill_at: Optional[int], work: str) -> N
 
 
 def run(module: str, argv: Sequence[str], work: Path, kill_at: Optional[int] = None,
-        timeout: float = 300.0) -> Outcome:
-    """Run `module.main(argv)` in a fresh child; `work` holds its event count and stderr."""
+        timeout: float = 300.0, cwd: Optional[Path] = None) -> Outcome:
+    """Run `module.main(argv)` in a fresh child (in `cwd`, created if given); `work` holds its
+    event log and stderr."""
     work.mkdir(parents=True, exist_ok=True)
+    if cwd is not None:
+        cwd.mkdir(parents=True, exist_ok=True)
     _ensure_server()
-    proc = _CTX.Process(target=_child, args=(module, list(argv), kill_at, str(work)))
+    proc = _CTX.Process(target=_child, args=(module, list(argv), kill_at, str(work),
+                                             None if cwd is None else str(cwd)))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
