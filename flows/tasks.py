@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from dalle.config import load_params
 from dalle.errors import DalleError
 from dalle.pipeline import run_stage
+from dalle.tracking import mask_uri
 
 
 class PrefectUnreachable(DalleError):
@@ -37,7 +38,7 @@ def check_prefect_api(timeout: float = 3.0) -> Optional[str]:
             json.loads(resp.read() or b"true")
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise PrefectUnreachable(f"Prefect server {url} is not reachable ({reason}); unset "
+        raise PrefectUnreachable(f"Prefect server {mask_uri(url)} is not reachable ({reason}); unset "
                                  "PREFECT_API_URL to run on a temporary local server, or start "
                                  "one with `make ui`") from None
     return url

@@ -158,8 +158,8 @@ class MlflowTracker(NullTracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN])
-                 for k, v in flatten(dict(params)).items()]
+        items = [Param(k, mask_uri(v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN])
+                 for k, v in flatten(dict(params)).items()]  # no credentials of a URI in params
         for start in range(0, len(items), 100):
             retry_locked(lambda: self.client.log_batch(self.run_id, params=items[start:start + 100]))
 

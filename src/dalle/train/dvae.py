@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dalle.config_sections import DVAE, Paths
 from dalle.errors import CheckpointError, DataError
-from dalle.io import load_checkpoint, save_checkpoint, write_json
+from dalle.io import load_checkpoint, remove_checkpoint, save_checkpoint, write_json
 from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, model_config, to_float
 from dalle.train.common import EMA, cosine_anneal, resolve_device, rng_state, seed_everything, set_rng_state
 from dalle.train.dvae_eval import evaluate_dvae, save_dvae
@@ -159,5 +159,5 @@ def train_dvae(cfg: DVAE, paths: Paths, tracker: Any, seed: int = 0,
     write_json(Path(paths.metrics) / "dvae.json", metrics)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float))}, step=cfg.steps)
-    trainer.state_path.unlink(missing_ok=True)  # done: a rerun with new params starts afresh
+    remove_checkpoint(trainer.state_path)  # done (and its .prev): a rerun with new params starts afresh
     return metrics

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from dalle.io import load_checkpoint, save_checkpoint, write_json
+from dalle.io import load_checkpoint, remove_checkpoint, save_checkpoint, write_json
 from dalle.models.transformer import DalleTransformer, build_prior, count_parameters, from_config, model_config
 from dalle.train.common import resolve_device, rng_state, seed_everything, set_rng_state
 from dalle.train.grad_scale import ResblockScaler
@@ -207,6 +207,6 @@ def _finish(trainer: Trainer, tracker: Any, mcfg: dict[str, Any], val: TokenSet,
     tracker.log_metrics(metrics, step=trainer.step)
     tracker.register_model("dalle-prior", [models / "prior.safetensors", models / "prior.json"],
                            description=f"prior, val image loss {metrics['val_loss_image']:.3f}")
-    (models / "prior.ckpt.safetensors").unlink(missing_ok=True)
+    remove_checkpoint(models / "prior.ckpt.safetensors")  # and its .prev
     shutil.rmtree(models / "prior.ckpt", ignore_errors=True)  # per-rank checkpoints (sharded runs)
     return metrics
