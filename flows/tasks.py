@@ -46,7 +46,7 @@ def check_prefect_api(timeout: float = 3.0) -> Optional[str]:
 
 def _run(stage: str, params_file: str, preset: Optional[str], overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, preset, overrides)
-    return run_stage(stage, params)
+    return run_stage(stage, params, params_file, preset, overrides)  # num_proc > 1: subprocess
 
 
 stage_task = task(_run, name="stage", cache_policy=NO_CACHE, task_run_name="{stage}")

@@ -307,6 +307,20 @@ def _copy_final_metrics(client: Any, child: str, parent: str, stage: str) -> Non
     MlflowTracker(client, parent).log_metrics({f"{stage}/{k}": v for k, v in metrics.items()})
 
 
+def latest_stage_run(params: Any, stage: str, since_ms: int = 0) -> Optional[str]:
+    """The id of this pipeline's newest `stage` run started at or after `since_ms` (a stage that
+    ran in another process, e.g. under horovodrun), or None when tracking is off/none found."""
+    if not params.tracking.enabled:
+        return None
+    client = make_client(default_uri(params.tracking.uri))
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    query = (f"tags.`dalle.kind` = 'stage' and tags.`dalle.stage` = '{stage}' and "
+             f"tags.`dalle.pipeline_id` = '{pipeline_id()}' and attributes.start_time >= {since_ms}")
+    found = client.search_runs([exp.experiment_id], filter_string=query, max_results=1,
+                               order_by=["attributes.start_time DESC"]) if exp else []
+    return found[0].info.run_id if found else None
+
+
 class CurveRecorder(NullTracker):
     """Passes everything to the inner tracker and keeps every metric logged with a step, so the
     stage can leave its curves as a DVC plots file (`<paths.metrics>/curves/<stage>.json`).

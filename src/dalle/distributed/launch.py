@@ -2,17 +2,25 @@
 
 `python -m stages.train_prior` with `distributed.num_proc: N > 1` and not already under Horovod
 re-executes itself as `horovodrun -np N -H <hosts> --gloo python -m stages.train_prior <args>`
-(`--gloo` on CPU; on GPUs Horovod uses NCCL for the collectives when built with it). Under
-horovodrun (HOROVOD_RANK set) nothing is relaunched. A single process never imports horovod.
+(`--gloo` names the controller/rendezvous; the collectives on CUDA tensors go through NCCL when
+Horovod was built with HOROVOD_GPU_OPERATIONS=NCCL, see docs/operations.md). Under horovodrun
+(HOROVOD_RANK set) nothing is relaunched. A single process never imports horovod.
+
+The Prefect flow takes the same path: `dalle.pipeline.run_stage` asks `will_relaunch` and, when
+true, runs `stage_command(...)` (that very `python -m stages.<name>`) as a subprocess instead of
+the in-process body; while it only imports a stage script to take its body (`capturing_body`),
+`relaunch_stage` does nothing (it would otherwise parse the flow's argv and read params.yaml).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from dalle.config_sections import Distributed
 from dalle.errors import ConfigError
@@ -22,8 +30,34 @@ from dalle.errors import ConfigError
 DEFAULT_TIMEOUTS = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "60", "HOROVOD_START_TIMEOUT": "60"}
 
 
+_capture = threading.local()
+
+
 def under_horovod() -> bool:
     return "HOROVOD_RANK" in os.environ
+
+
+def will_relaunch(cfg: Distributed) -> bool:
+    """True when a stage run with `cfg` here would re-execute itself under horovodrun."""
+    return cfg.num_proc > 1 and not under_horovod()
+
+
+@contextlib.contextmanager
+def capturing_body() -> Iterator[None]:
+    """While a stage script is only imported for its body, `relaunch_stage` returns at once."""
+    _capture.active = True
+    try:
+        yield
+    finally:
+        _capture.active = False
+
+
+def stage_command(name: str, params_file: str, preset: Optional[str] = None,
+                  overrides: Sequence[str] = ()) -> list[str]:
+    """`python -m stages.<name> --params F [--preset P] [-S k=v ...]`: what `dvc repro` runs."""
+    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(params_file)]
+    cmd += ["--preset", preset] if preset else []
+    return cmd + [arg for item in overrides for arg in ("-S", item)]
 
 
 def horovodrun_path() -> str:
@@ -76,11 +110,11 @@ def relaunch_stage(name: str, argv: Optional[Sequence[str]] = None) -> None:
     from dalle.config import load_params
     from dalle.runner import fail, parse_stage_args, run_guarded
 
-    args = parse_stage_args(name, argv)
-    if under_horovod():
+    if under_horovod() or getattr(_capture, "active", False):
         return
+    args = parse_stage_args(name, argv)
     params = run_guarded(lambda: load_params(args.params, args.preset, args.overrides))
-    if params.distributed.num_proc <= 1:
+    if not will_relaunch(params.distributed):
         return
     raw = list(sys.argv[1:] if argv is None else argv)
     code = run_guarded(lambda: relaunch_if_needed(params.distributed, f"stages.{name}", raw))
