@@ -174,6 +174,9 @@ class Prior(Section):
     n_heads: int = Field(gt=0)  # paper: 62 heads of 64
     mlp_ratio: int = Field(4, gt=0)
     attention: Literal["sparse", "full"] = "sparse"
+    # masked: one boolean-masked SDPA call per layer; structured: text block + row/column/conv
+    # blocks merged by log-sum-exp (exact, CPU); auto: structured where measured faster (grid >= 16)
+    attention_impl: Literal["auto", "masked", "structured"] = "auto"
     conv_kernel: int = Field(11, gt=0)  # paper B.1 fig.11: 11x11 convolutional mask, last layer
     dropout: float = Field(0.0, ge=0, lt=1)
     checkpointing: bool = False  # paper §2.4: activation checkpointing of resblocks
