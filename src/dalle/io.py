@@ -39,6 +39,14 @@ def _tmp_prefix(name: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs here (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -256,9 +264,11 @@ def _keep_previous(path: Path) -> None:
 
 
 def remove_checkpoint(path: str | Path) -> None:
-    """Delete a training-state checkpoint and its kept previous one (training finished)."""
-    Path(path).unlink(missing_ok=True)
-    previous_path(path).unlink(missing_ok=True)
+    """Delete a training-state checkpoint, its kept previous one and any temporary of either
+    left by a killed writer (training finished)."""
+    for file in (Path(path), previous_path(path)):
+        file.unlink(missing_ok=True)
+        sweep_stale_tmp(file)
 
 
 def _sniff(path: Path) -> None:

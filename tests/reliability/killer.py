@@ -32,24 +32,6 @@ PRELOAD = ["numpy", "pandas", "pyarrow.parquet", "torch", "safetensors.torch", "
            "multiprocessing.synchronize", "tokenizers", "tests.reliability.killer"]
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(PRELOAD)
-# tqdm reads TQDM_* when it is imported; with these a bar driven by iteration calls update() on
-# every item instead of when a timer says so, which makes the event sequence deterministic.
-_SERVER_ENV = {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1", "DALLE_LOG_LEVEL": "WARNING"}
-
-
-def _ensure_server() -> None:
-    """Start the forkserver (once) with _SERVER_ENV, without changing this process's env."""
-    from multiprocessing import forkserver
-
-    saved = {k: os.environ.get(k) for k in _SERVER_ENV}
-    os.environ.update(_SERVER_ENV)
-    try:
-        forkserver.ensure_running()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-
-
 @dataclass
 class Outcome:
     exitcode: int  # -9 when killed
@@ -80,8 +62,15 @@ def _install_hooks(kill_at: Optional[int], count_file: Path) -> None:
         tick(f"progress {self.desc}")
         return real_update(self, n)
 
+    def iterate(self):  # noqa: ANN001, ANN202 - a bar driven by iteration ticks once per item
+        for item in self.iterable:  # (tqdm's own __iter__ updates when a timer says so)
+            yield item
+            self.update(1)
+        self.close()
+
     os.replace = replace
     tqdm.tqdm.update = update
+    tqdm.tqdm.__iter__ = iterate
 
 
 def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd: Optional[str]) -> None:
@@ -95,6 +84,7 @@ def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd:
     import torch
 
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared 2-core machine
+    os.environ["DALLE_LOG_LEVEL"] = "WARNING"
     _install_hooks(kill_at, count_file)
     count_file.write_text("")
     code = 0
@@ -113,7 +103,6 @@ def run(module: str, argv: Sequence[str], work: Path, kill_at: Optional[int] = N
     work.mkdir(parents=True, exist_ok=True)
     if cwd is not None:
         cwd.mkdir(parents=True, exist_ok=True)
-    _ensure_server()
     proc = _CTX.Process(target=_child, args=(module, list(argv), kill_at, str(work),
                                              None if cwd is None else str(cwd)))
     proc.start()
