@@ -30,7 +30,7 @@ pids+=($!)
 
 wait_up() {  # wait_up NAME URL LOG
   for _ in $(seq 1 120); do
-    if curl -fsS -o /dev/null "$2"; then return 0; fi
+    if curl -fs -o /dev/null "$2"; then return 0; fi
     sleep 1
   done
   echo "error: $1 did not come up on $2; see $3" >&2; exit 1

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,52 @@ def test_exp_run_and_show(repo) -> None:
     shown = json.loads(_run(repo, "dvc", "exp", "show", "--json"))
     names = [r.get("name") for c in shown for e in (c.get("experiments") or []) for r in e["revs"]]
     assert "tiny-exp" in names
+
+
+def _queue_settled(repo: Path, names: tuple[str, ...], timeout: float = 240) -> str:
+    """Poll `dvc queue status` until none of `names` is queued or running; its last output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _run(repo, "dvc", "queue", "status")
+        rows = [line for line in status.splitlines() if any(n in line for n in names)]
+        if rows and not any(w in line for line in rows for w in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout}s:\n{status}"
+        time.sleep(2)
+
+
+def _exp_metrics(shown: list, name: str, file: str) -> dict:
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") == name:
+                    found = (rev.get("data") or {}).get("metrics") or {}
+                    return next(v["data"] for k, v in found.items() if k.endswith(file))
+    raise AssertionError(f"experiment {name} not in dvc exp show")
+
+
+def test_exp_queue_runs_two_experiments_tracked_apart(repo) -> None:
+    """`dvc exp run --queue` x2 + `dvc queue start`: both finish in DVC's temp copies, show up in
+    `dvc exp show` with their own metrics, and land as two pipeline runs in the absolute MLflow
+    store (repo/../mlflow.db), not in the copies."""
+    if "train_clip" not in _declared():
+        pytest.skip("dvc.yaml has no train_clip stage")
+    db = f"sqlite:///{repo.parent / 'mlflow.db'}"
+    before = {p.run_id for p in runs.search_runs("dalle", uri=db)}
+    names = (("q-lr-small", "0.0001"), ("q-lr-large", "0.01"))
+    for name, lr in names:
+        _run(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"clip.lr={lr}")
+    _run(repo, "dvc", "queue", "start", "-j", "1")
+    status = _queue_settled(repo, tuple(n for n, _ in names))
+    assert status.count("Success") >= 2, status
+    shown = json.loads(_run(repo, "dvc", "exp", "show", "--json"))
+    small, large = (_exp_metrics(shown, n, "clip.json") for n, _ in names)
+    assert small != large and small.keys() == large.keys(), (small, large)
+
+    new = [p for p in runs.search_runs("dalle", uri=db) if p.run_id not in before]
+    assert sorted(p.params["clip.lr"] for p in new) == sorted(lr for _, lr in names), new
+    assert all(p.status == "FINISHED" for p in new)
+    clip_runs = [r for r in runs.search_runs("dalle", kind="stage", stage="train_clip", uri=db)
+                 if r.params.get("clip.lr") in {lr for _, lr in names}]
+    assert len(clip_runs) == 2 and clip_runs[0].metrics != clip_runs[1].metrics
+    assert not list(repo.rglob("mlflow.db")), "tracking went into the repo (or a temp copy)"
