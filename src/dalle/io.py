@@ -256,8 +256,8 @@ def _keep_previous(path: Path) -> None:
     prev = previous_path(path)
     if not path.exists():
         prev.unlink(missing_ok=True)
-    elif _intact(path):
-        link = _tmp_sibling(prev)
+    elif _intact(path) and not (prev.exists() and os.path.samefile(path, prev)):
+        link = _tmp_sibling(prev)  # (rename onto the same inode would be a no-op leaving `link`)
         link.unlink()
         os.link(path, link)
         os.replace(link, prev)

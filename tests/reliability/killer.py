@@ -59,7 +59,7 @@ def _install_hooks(kill_at: Optional[int], count_file: Path) -> None:
         return real_replace(src, dst, *a, **k)
 
     def update(self, n=1):  # noqa: ANN001, ANN202
-        tick(f"progress {self.desc}")
+        tick(f"progress {getattr(self, 'desc', '')}")  # a disabled bar has no desc
         return real_update(self, n)
 
     def iterate(self):  # noqa: ANN001, ANN202 - a bar driven by iteration ticks once per item
