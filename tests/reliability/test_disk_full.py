@@ -65,6 +65,7 @@ def test_collect_disk_full(tmp_path: Path, mode: str) -> None:
     (tmp_path / "raw").mkdir()
     line = _one_line(_run("stages.collect", params, tmp_path / "raw", mode))
     assert "raw" in line and ("disk full" in line or "too large" in line), line
+    print(f"collect, {mode}: {line}")
     raw = tmp_path / ("raw.after" if mode == "tmpfs" else "raw")
     assert not (raw / "manifest.parquet").exists() and not leftovers(raw)
     for i in shards.completed_shards(raw):  # every shard marked complete really is
@@ -82,5 +83,6 @@ def test_train_dvae_disk_full(world: Path, tmp_path: Path) -> None:
     (root / "models").mkdir()
     line = _one_line(_run("stages.train_dvae", params, root / "models", "tmpfs"))
     assert "models" in line and "disk full" in line, line
+    print(f"train_dvae, tmpfs: {line}")
     models = root / "models.after"
     assert not (models / "dvae.safetensors").exists() and not leftovers(models)
