@@ -286,3 +286,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_quick(script: str) -> list[dict]:
+    """Run `python -m benchmarks.<script>` at BENCH_QUICK sizes, 1 thread; its BENCH rows (tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{script}"], cwd=Path(__file__).parents[1],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return parse_lines(r.stdout)

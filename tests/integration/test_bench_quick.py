@@ -5,8 +5,6 @@ rows must say so (value null + "unavailable" note) instead of failing the script
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,15 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import parse_lines  # noqa: E402
+from benchmarks.common import run_quick  # noqa: E402
 
 
-def _run(script: str) -> list[dict]:
-    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", f"benchmarks.{script}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return parse_lines(r.stdout)
+_run = run_quick
 
 
 @pytest.mark.parametrize("script, sections", [
