@@ -200,7 +200,7 @@ class Prior(Section):
     sample_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     compile: bool = False
-    device: Device = "auto"  # the single-process trainer; sharded ranks stay on their CPU tensors
+    device: Device = "auto"  # sharded ranks: cuda:<local rank> when Horovod has NCCL (issue 6)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "Prior":

@@ -13,7 +13,7 @@ from dalle.io import load_checkpoint
 from dalle.models.dvae import DiscreteVAE
 from dalle.tracking import NullTracker
 from dalle.train.dvae import STATE_FILE, batch_indices, schedules, train_dvae
-from dalle.train.dvae_loss import codebook_usage, elb_terms, kl_to_uniform
+from dalle.train.dvae_loss import codebook_usage, elb_terms, gumbel_softmax, kl_to_uniform
 
 TINY = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, dec_n_hid=8,
             steps=6, batch_size=4, lr=1e-3, lr_final=1e-5, tau_frac=0.5, kl_frac=0.5, lr_frac=1.0,
@@ -138,6 +138,20 @@ def test_straight_through_trains_and_reaches_the_encoder():
     terms = elb_terms(model, torch.rand(2, 3, 8, 8), tau=0.5, beta=1.0, hard=True)
     terms.loss.backward()
     assert model.encoder.blocks.output.conv.w.grad.abs().sum() > 0
+
+
+def test_gumbel_noise_samples_the_categorical_and_hard_is_one_hot():
+    """Gumbel-max property (paper §2.1 relaxation): argmax(logits + g) ~ softmax(logits); at
+    small tau the relaxed sample is nearly one-hot; hard=True is exactly one-hot forward."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.0, -1.0, 0.5]).view(1, 4, 1, 1).expand(20000, 4, 1, 1)
+    soft = gumbel_softmax(logits, tau=1.0)  # [N, 4, 1, 1]
+    assert torch.allclose(soft.sum(1), torch.ones(20000, 1, 1), atol=1e-5)
+    freq = torch.bincount(soft.argmax(1).flatten(), minlength=4).float() / 20000
+    assert torch.allclose(freq, logits[0].flatten().softmax(0), atol=0.015)
+    assert gumbel_softmax(logits[:500], tau=1 / 16).amax(1).mean() > 0.9
+    hard = gumbel_softmax(logits[:10].clone().requires_grad_(), tau=0.5, hard=True)
+    assert set(hard.detach().unique().tolist()) == {0.0, 1.0} and hard.requires_grad
 
 
 def test_device_resolution():

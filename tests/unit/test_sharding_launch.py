@@ -51,3 +51,42 @@ def test_single_process_training_never_imports_horovod() -> None:
             "train_toy(ToyConfig(d_model=16, n_layers=1), ShardedStrategy.from_config(Distributed()), 1); "
             "assert not any(m.startswith('horovod') for m in sys.modules), 'horovod imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _rank_device(monkeypatch: pytest.MonkeyPatch, name: str, nccl: bool, local: int,
+                 gpus: int) -> object:
+    """ShardedStrategy.device on a simulated Horovod rank of a host with `gpus` GPUs."""
+    import types
+
+    import torch
+
+    from dalle.distributed import strategy
+
+    fake = types.SimpleNamespace(local_rank=lambda: local, nccl_built=lambda: nccl)
+    monkeypatch.setitem(sys.modules, "dalle.distributed.horovod", fake)
+    monkeypatch.setattr("dalle.distributed.horovod", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    strat = strategy.ShardedStrategy(Distributed())
+    strat.world = types.SimpleNamespace(rank=local, size=2)  # as if under horovodrun
+    try:
+        return strat.device(name), chosen
+    except ConfigError as exc:
+        return exc, chosen
+
+
+def test_sharded_rank_takes_its_own_gpu_only_with_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 6: cuda:<local rank> per rank when Horovod has NCCL; a Gloo-only build keeps `auto`
+    ranks on CPU and refuses an explicit `cuda` in one line; more ranks than GPUs is an error."""
+    dev, chosen = _rank_device(monkeypatch, "auto", nccl=True, local=1, gpus=2)
+    assert str(dev) == "cuda:1" and chosen == [1]
+    dev, chosen = _rank_device(monkeypatch, "auto", nccl=False, local=1, gpus=2)
+    assert str(dev) == "cpu" and chosen == []
+    err, _ = _rank_device(monkeypatch, "cuda", nccl=False, local=0, gpus=2)
+    assert isinstance(err, ConfigError) and "HOROVOD_GPU_OPERATIONS=NCCL" in str(err)
+    err, _ = _rank_device(monkeypatch, "cuda", nccl=True, local=2, gpus=2)
+    assert isinstance(err, ConfigError) and "at most one rank per GPU" in str(err)
+    dev, _ = _rank_device(monkeypatch, "cpu", nccl=True, local=0, gpus=2)
+    assert str(dev) == "cpu"

@@ -81,6 +81,16 @@ def init_groups(shard_group_size: int) -> Groups:
     return Groups(world, shard, data)
 
 
+def local_rank() -> int:
+    """This process's index among the ranks of its host (its GPU, when there are GPUs)."""
+    return int(hvd.local_rank())
+
+
+def nccl_built() -> bool:
+    """Whether this Horovod build runs collectives on CUDA tensors through NCCL."""
+    return bool(hvd.nccl_built())
+
+
 def shutdown() -> None:
     if hvd.is_initialized():
         hvd.shutdown()

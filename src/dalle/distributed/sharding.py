@@ -161,7 +161,8 @@ class FlatShard:
         self.numel = sum(s.shard_numel for s in self.slots)
         self.n_decay = sum(s.shard_numel for s in self.slots if s.name.split("#")[0] in decayed)
         mine = [split_full(logical[s.name], s, n)[comm.rank] for s in self.slots]
-        flat = torch.cat(mine) if mine else torch.zeros(0)  # [L]
+        self.device = next((v.device for _, v in named), torch.device("cpu"))
+        flat = torch.cat(mine) if mine else torch.zeros(0, device=self.device)  # [L]
         pieces = [(flat[:self.n_decay], True), (flat[self.n_decay:], False)]
         self.params = [nn.Parameter(t.clone()) for t, _ in pieces if t.numel()]
         self.decays = [d for t, d in pieces if t.numel()]
@@ -171,7 +172,8 @@ class FlatShard:
         """This rank's slice [L] (a copy when it has two pieces)."""
         if len(self.params) == 1:
             return self.params[0].detach()
-        return torch.cat([p.detach() for p in self.params]) if self.params else torch.zeros(0)
+        return (torch.cat([p.detach() for p in self.params]) if self.params
+                else torch.zeros(0, device=self.device))
 
     def grad_pieces(self) -> list[torch.Tensor]:
         for p in self.params:
@@ -297,7 +299,7 @@ class ShardedBlock(nn.Module):
         self.shard = FlatShard(named, prefetcher.comm, decay)
         self.flats = nn.ParameterList(self.shard.params)  # the optimizer sees only the 1/n slice
         for _, p in named:
-            p.data = torch.empty(0)  # the full copy is dropped; functional_call supplies it
+            p.data = torch.empty(0, device=p.device)  # the full copy is dropped; functional_call supplies it
             p.requires_grad_(False)
         self.inner: nn.Module
         object.__setattr__(self, "inner", inner)  # not a submodule: keeps its params out of ours
@@ -358,12 +360,14 @@ class ShardedRest:
             p.grad = None
 
     def scatter_grads(self) -> None:
-        full = {k: (p.grad if p.grad is not None else torch.zeros(self.shapes[k])) for k, p in self.named}
+        dev = self.shard.device
+        full = {k: (p.grad if p.grad is not None else torch.zeros(self.shapes[k], device=dev))
+                for k, p in self.named}
         grad = self.shard.comm.reducescatter_mean(self.shard.pack(full), "rs.rest")
         self.shard.set_grad(grad)
         self.release()
 
     def release(self) -> None:
         for _, p in self.named:
-            p.data = torch.empty(0)
+            p.data = torch.empty(0, device=p.device)
             p.grad = None

@@ -23,7 +23,7 @@ from dalle.config_sections import Distributed
 from dalle.distributed.powersgd import PowerSGD, shard_rank
 from dalle.distributed.sharding import (FlatShard, LocalComm, Prefetcher, ShardedRest, iter_shards,
                                         shard_blocks)
-from dalle.errors import CheckpointError
+from dalle.errors import CheckpointError, ConfigError
 
 
 class ShardedStrategy:
@@ -51,6 +51,29 @@ class ShardedStrategy:
         return cls(cfg, hv.init_groups(cfg.shard_group_size))
 
     # ------------------------------------------------------------------ topology
+    def device(self, name: str) -> torch.device:
+        """params `prior.device` on this rank: one GPU per rank, `cuda:<local rank>`, whose
+        collectives go through NCCL; `auto` takes the GPU only where Horovod was built with NCCL
+        (a Gloo-only build keeps the ranks on CPU tensors, as on this project's CI machine)."""
+        from dalle.train.common import resolve_device
+
+        dev = resolve_device(name)
+        if self.world is None or dev.type != "cuda":
+            return dev
+        from dalle.distributed import horovod as hv
+
+        local = hv.local_rank()
+        if not hv.nccl_built():
+            if name == "auto":
+                return torch.device("cpu")
+            raise ConfigError("prior.device: cuda on Horovod ranks needs Horovod built with "
+                              "HOROVOD_GPU_OPERATIONS=NCCL (this one is not); use auto or cpu")
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"rank with local rank {local} has no GPU of its own "
+                              f"({torch.cuda.device_count()} visible): launch at most one rank per GPU")
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+
     @property
     def rank(self) -> int:
         return self.world.rank if self.world else 0
@@ -91,7 +114,7 @@ class ShardedStrategy:
         if ps.enabled and self.data is not None:
             shapes = {f"{i}.{s.name}": s.shard_shape for i, sh in enumerate(self.shards) for s in sh.slots}
             self.psgd = PowerSGD(shapes, shard_rank(ps.rank, self.shard_comm.size), ps.min_compression_dim,
-                                 ps.error_feedback, ps.seed, ps.eps)
+                                 ps.error_feedback, ps.seed, ps.eps, device=self.rest.shard.device)
         return model
 
     def parameters(self) -> list[nn.Parameter]:

@@ -120,8 +120,8 @@ def train_prior(prior_cfg: Any, tokenizer_cfg: Any, paths: Any, tracker: Any, di
     seed_everything(seed)
     mcfg = model_config(prior_cfg, tokenizer_cfg.vocab_size, tokenizer_cfg.text_len, vocab, train.grid)
     model = build_prior(prior_cfg, tokenizer_cfg.vocab_size, tokenizer_cfg.text_len, vocab, train.grid)
-    if distributed is None:
-        model.to(resolve_device(prior_cfg.device))
+    # issue 6: a sharded rank moves to its own GPU (cuda:<local rank>) before wrap slices it
+    model.to(resolve_device(prior_cfg.device) if distributed is None else distributed.device(prior_cfg.device))
     strategy = distributed or LocalStrategy()
     n_params = count_parameters(model)[0]  # before a sharded strategy slices it
     dropout = make_caption_dropout(models, train, tokenizer_cfg.text_len, tokenizer_cfg.bpe_dropout)
