@@ -150,6 +150,7 @@ class DVAE(Section):
     tau_final: float = Field(1.0 / 16, gt=0)
     straight_through: bool = False  # paper: soft relaxation; True feeds the decoder hard one-hots
     zero_init_logits: bool = True  # our choice: encoder output conv starts at 0 (docs/decisions.md)
+    usage_weight: float = Field(0.0, ge=0)  # our choice, not the paper's: KL(batch usage || uniform)
     tau_frac: float = Field(0.05, gt=0, le=1)  # paper: 150k of 3M updates
     kl_max: float = Field(6.6, ge=0)  # paper §2.1: beta up to 6.6
     kl_frac: float = Field(0.0017, gt=0, le=1)  # paper: 5k of 3M updates

@@ -76,6 +76,7 @@ def test_presets_overlay_and_unknown_preset() -> None:
     assert paper.dvae.vocab_size == 8192 and paper.data.image_size == 256  # §2.1
     assert 2 ** (paper.dvae.group_count - 1) * 32 == 256  # 32x32 grid of image tokens
     assert paper.dvae.kl_max == 6.6 and paper.dvae.tau_final == 1 / 16  # §2.1
+    assert paper.dvae.usage_weight == 0.0  # the paper's objective: no batch-usage term
     assert paper.distributed.powersgd.rank == 896  # Table 1
     # the preset leaves everything it does not mention as in params.yaml
     assert paper.tracking == load_params(PARAMS).tracking

@@ -13,7 +13,7 @@ from dalle.io import load_checkpoint
 from dalle.models.dvae import DiscreteVAE
 from dalle.tracking import NullTracker
 from dalle.train.dvae import STATE_FILE, batch_indices, schedules, train_dvae
-from dalle.train.dvae_loss import codebook_usage, elb_terms, gumbel_softmax, kl_to_uniform
+from dalle.train.dvae_loss import codebook_usage, elb_terms, gumbel_softmax, kl_to_uniform, usage_kl
 
 TINY = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, dec_n_hid=8,
             steps=6, batch_size=4, lr=1e-3, lr_final=1e-5, tau_frac=0.5, kl_frac=0.5, lr_frac=1.0,
@@ -152,6 +152,31 @@ def test_gumbel_noise_samples_the_categorical_and_hard_is_one_hot():
     assert gumbel_softmax(logits[:500], tau=1 / 16).amax(1).mean() > 0.9
     hard = gumbel_softmax(logits[:10].clone().requires_grad_(), tau=0.5, hard=True)
     assert set(hard.detach().unique().tolist()) == {0.0, 1.0} and hard.requires_grad
+
+
+def test_usage_kl_is_zero_for_even_use_and_log_k_for_one_code():
+    """The optional anti-collapse term: KL of the batch's mean posterior to uniform. Positions
+    that each pick a different code cost 0 even though each posterior is one-hot (the paper's
+    per-position KL charges those ln K each); every position on one code costs ln K."""
+    k = 16
+    spread = torch.eye(k).view(1, k, 4, 4) * 50.0  # position i is sure of code i
+    assert usage_kl(spread).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_uniform(spread).item() == pytest.approx(16 * math.log(k), rel=1e-4)
+    same = torch.zeros(1, k, 4, 4)
+    same[:, 3] = 50.0
+    assert usage_kl(same).item() == pytest.approx(math.log(k), rel=1e-4)
+    logits = torch.randn(2, k, 4, 4, requires_grad=True)
+    model = DiscreteVAE({**{kk: TINY[kk] for kk in ("vocab_size", "n_hid", "n_blk_per_group",
+                                                     "group_count", "n_init", "dec_n_hid")},
+                         "image_size": 8})
+    x = torch.rand(2, 3, 8, 8)
+    torch.manual_seed(0)
+    base = elb_terms(model, x, tau=1.0, beta=1.0).loss
+    torch.manual_seed(0)
+    with_usage = elb_terms(model, x, tau=1.0, beta=1.0, usage_weight=2.0).loss
+    assert with_usage.item() > base.item()  # the term is added, non-negative
+    usage_kl(logits).backward()
+    assert logits.grad.abs().sum() > 0
 
 
 def test_device_resolution():

@@ -100,7 +100,8 @@ class _Trainer:
         sched = schedules(self.cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
-        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], self.cfg.straight_through)
+        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], self.cfg.straight_through,
+                          self.cfg.usage_weight)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         self.opt.step()

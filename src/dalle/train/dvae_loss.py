@@ -26,6 +26,14 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1)
 
 
+def usage_kl(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q_bar || U(K)) of the batch's mean posterior q_bar = mean over images and positions of
+    q(z|x): 0 when the batch uses every code equally. Not in the paper (its KL term is per position
+    and does not ask positions to differ); `dvae.usage_weight` turns it on against collapse."""
+    q_bar = F.softmax(logits, dim=1).mean(dim=(0, 2, 3))  # [K]
+    return (q_bar * (q_bar.clamp_min(1e-12).log() + math.log(logits.shape[1]))).sum()
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False) -> torch.Tensor:
     """F.gumbel_softmax over dim 1, with the noise drawn as -ln(-ln U): torch's exponential_()
     sampler is single-threaded and took 13% of a default training step; rand_like is 5x faster."""
@@ -38,10 +46,11 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False) -> torc
 
 
 def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float,
-              hard: bool = False) -> ElbTerms:
+              hard: bool = False, usage_weight: float = 0.0) -> ElbTerms:
     """images: float [B, 3, H, W] in [0,1]. Paper §2.1: gumbel-softmax relaxation at temperature
     tau, KL weight beta; App. A.2: the loss is divided by H*W*3 (beta/192 at 256^2, 32^2 grid).
-    hard=True is the straight-through variant (one-hot forward, relaxed gradient; not the paper's)."""
+    hard=True is the straight-through variant (one-hot forward, relaxed gradient; not the paper's);
+    usage_weight > 0 adds usage_weight * usage_kl counted once per grid position, in beta's units."""
     x = map_pixels(images)  # paper App. A.3: eps-mapped pixels
     logits = model.encoder(x).float()  # [B, K, h, w]
     z = gumbel_softmax(logits, tau, hard)  # relaxed one-hot [B, K, h, w]
@@ -50,6 +59,8 @@ def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float,
     nll = -logit_laplace_log_prob(x.float(), mu, ln_b).flatten(1).sum(1) / n_dims  # [B]
     kl = kl_to_uniform(logits) / n_dims  # [B]
     loss = (nll + beta * kl).mean()
+    if usage_weight:
+        loss = loss + usage_weight * usage_kl(logits) * logits[0, 0].numel() / n_dims
     with torch.no_grad():
         mse = (unmap_pixels(torch.sigmoid(mu)) - images.float()).pow(2).mean()
     return ElbTerms(loss, nll.mean().detach(), kl.mean().detach(), mse,
