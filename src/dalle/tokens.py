@@ -24,7 +24,7 @@ log = logging.getLogger("dalle.encode")
 SPLITS = ("train", "val")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # ~10% over no_grad here: no version counters / autograd metadata
 def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int,
                   desc: str = "encode") -> np.ndarray:
     """uint8 [N, H, W, 3] -> image tokens uint16 [N, grid^2] (argmax codes, paper §2.2)."""
