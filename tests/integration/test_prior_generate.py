@@ -44,6 +44,7 @@ def gen(root: Path, *args: str) -> int:
     return cli_main(["generate", *args, "--params", str(REPO / "params.yaml"), *sets])
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")
 def test_generate_writes_grid_and_primes(models: Path) -> None:
     out = models / "out.png"
     assert gen(models, "a red circle", "--candidates", "3", "--keep", "2", "--seed", "1", "-o", str(out)) == 0

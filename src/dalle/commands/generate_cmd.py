@@ -64,7 +64,7 @@ def prime_tokens(path: str, rows: int, dvae: Any) -> torch.Tensor:
     size, grid = dvae.config["image_size"], dvae.config["image_size"] // dvae.downsample
     try:
         with Image.open(path) as im:
-            img = np.asarray(im.convert("RGB"))
+            img = np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read prime image {path}: {exc}") from None
     if img.shape[:2] != (size, size):
