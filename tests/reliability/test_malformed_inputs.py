@@ -47,7 +47,8 @@ CASES: list[tuple[str, Any, tuple[str, str]]] = [
     ("caption-empty", M.bad_caption(b""), (S, "no_caption")),
     ("caption-whitespace", M.bad_caption(b" \n\t "), (S, "no_caption")),
     ("caption-10kB", M.bad_caption(b"a red circle " * 800), (A, "kept; the tokenizer truncates to text_len")),
-    ("caption-control-chars", M.bad_caption(b"a red\x00 circle\x1b[31m\x07"), (A, "kept as text")),
+    ("caption-control-chars", M.bad_caption(b"a red\x00 circle\x1b[31m\x07"), (A, "control characters -> spaces")),
+    ("caption-only-control-chars", M.bad_caption(b"\x00\x1b\x07"), (S, "no_caption")),
     ("caption-non-utf8", M.bad_caption(b"a caf\xe9 \xff\xfe sign"), (A, "undecodable bytes replaced")),
     # tar shards
     ("tar-dotdot", M.tar_case("../evil.png"), (E, "../evil.png")),
@@ -101,6 +102,7 @@ def _check_outcome(case: Path, out: killer.Outcome, expected: tuple[str, str]) -
         assert row["status"] == "failed" and str(row["error"]).startswith(what), row.to_dict()
         return f"skipped: {row['error']}"
     assert row["status"] == "ok" and (manifest["status"] == "ok").sum() == 3, row.to_dict()
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", str(row["caption"])), row.to_dict()
     return f"accepted ({what}): {str(row['caption'])[:40]!r}"
 
 

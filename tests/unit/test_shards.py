@@ -115,3 +115,18 @@ def test_iter_tar_reads_img2dataset_style_and_rejects_garbage(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 10)
     with pytest.raises(DataError, match="junk.tar"):
         list(shards.iter_tar(tmp_path / "junk.tar"))
+
+
+def test_control_characters_in_captions_become_spaces(tmp_path):
+    img = _png(1)
+    samples = [shards.Sample(key="00000", caption="a red\x00 circle\x1b[31m\x07\n", image_bytes=img),
+               shards.Sample(key="00001", caption="\x00\x1b\x07", image_bytes=img),
+               shards.Sample(key="00002", caption="café ✓ sign", image_bytes=img)]
+    shards.write_shard(tmp_path, 0, samples, lambda k: "train")
+    rows = pd.read_parquet(tmp_path / "00000.parquet")
+    assert list(rows["caption"]) == ["a red  circle [31m", "", "café ✓ sign"]
+    assert list(rows["status"]) == ["ok", "failed", "ok"]
+    assert rows["error"][1] == "no_caption: only control characters"
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        assert tar.extractfile("00000.txt").read() == "a red  circle [31m".encode()
+        assert "00001.txt" not in tar.getnames()

@@ -18,7 +18,7 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -102,6 +102,21 @@ def _image_size(data: bytes, key: str) -> tuple[int, int]:
         raise DataError(f"sample {key!r}: image bytes are not a readable image ({exc})") from None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # C0 and C1 control characters, tab and newline included
+
+
+def clean_caption(sample: Sample) -> Sample:
+    """Control characters (NUL, escape sequences' ESC, bell, newlines...) become one space, so a
+    caption cannot drive a terminal that prints it; a caption of nothing else is a failed sample."""
+    caption = _CONTROL.sub(" ", sample.caption).strip()
+    if caption == sample.caption:
+        return sample
+    if not caption and sample.status == "ok":
+        return replace(sample, caption="", status="failed",
+                       error="no_caption: only control characters")
+    return replace(sample, caption=caption)
+
+
 def _row(sample: Sample, split: str, index: int) -> dict[str, Any]:
     data = sample.image_bytes
     ok = sample.status == "ok" and data is not None
@@ -128,7 +143,7 @@ def write_shard(out_dir: str | Path, index: int, samples: Iterable[Sample],
     rows, seen = [], set()
     with atomic_path(shard_file(out, index, ".tar")) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for sample in samples:
+            for sample in map(clean_caption, samples):
                 if sample.key in seen or "/" in sample.key or "." in sample.key:
                     raise DataError(f"shard {index}: sample key {sample.key!r} is duplicated "
                                     "or contains '/' or '.'")
