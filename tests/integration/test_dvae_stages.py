@@ -47,6 +47,8 @@ def test_train_dvae_then_encode(world):
     assert (tmp / "models" / "dvae.safetensors").exists() and (tmp / "models" / "dvae_recon.png").exists()
     on_disk = json.loads((tmp / "metrics" / "dvae.json").read_text())
     assert on_disk["val_recon_mse"] == pytest.approx(metrics["val_recon_mse"])
+    attrs = [on_disk[f"oracle_recon_{k}"] for k in ("count", "colour", "shape", "size", "position")]
+    assert all(0.0 <= a <= 1.0 for a in attrs) and on_disk["oracle_all_correct_recon"] <= min(attrs)
     assert json.loads((tmp / "models" / "dvae.json").read_text())["image_size"] == 16
     encode_main(_args(tmp, repo_root))
     model = load_dvae(tmp / "models" / "dvae.safetensors")

@@ -40,13 +40,24 @@ def _oracle() -> Optional[Callable[..., dict]]:
     return score
 
 
-def oracle_accuracy(captions: list[str], images: np.ndarray) -> Optional[float]:
-    """Fraction of images the synthetic-world oracle reads as matching their caption exactly."""
+ATTRIBUTES = ("count", "colour", "shape", "size", "position")
+
+
+def oracle_scores(captions: list[str], images: np.ndarray) -> Optional[dict[str, float]]:
+    """The synthetic-world oracle over up to ORACLE_LIMIT images: the fraction read as matching
+    their caption exactly ("all_correct") and the fraction right in each attribute."""
     score = _oracle()
     if score is None or not captions:
         return None
     n = min(len(captions), len(images), ORACLE_LIMIT)
-    return float(np.mean([bool(score(captions[i], images[i])["all_correct"]) for i in range(n)]))
+    rows = [score(captions[i], images[i]) for i in range(n)]
+    return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *ATTRIBUTES)}
+
+
+def oracle_accuracy(captions: list[str], images: np.ndarray) -> Optional[float]:
+    """Fraction of images the synthetic-world oracle reads as matching their caption exactly."""
+    scores = oracle_scores(captions, images)
+    return None if scores is None else scores["all_correct"]
 
 
 def write_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
@@ -68,9 +79,10 @@ def evaluate_dvae(model: DiscreteVAE, val_images: np.ndarray, val_captions: list
     metrics: dict[str, Any] = {"val_recon_mse": mse, "val_perplexity": usage["perplexity"],
                                "val_perplexity_frac": usage["perplexity"] / model.vocab_size,
                                "val_codes_used": usage["codes_used"], "n_val": len(val)}
-    acc = oracle_accuracy(val_captions, recs)
-    if acc is not None:
-        metrics["oracle_all_correct_recon"] = acc
+    scores = oracle_scores(val_captions, recs)
+    if scores is not None:  # per attribute too: which one the reconstructions lose
+        metrics["oracle_all_correct_recon"] = scores.pop("all_correct")
+        metrics.update({f"oracle_recon_{k}": v for k, v in scores.items()})
         metrics["oracle_all_correct_originals"] = oracle_accuracy(val_captions, val)
     grid = write_grid(Path(paths.models) / "dvae_recon.png", val, recs)
     tracker.log_artifact(grid, "dvae")
