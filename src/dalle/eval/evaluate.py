@@ -30,7 +30,6 @@ from dalle.eval.plots import line_png, write_plot_json
 from dalle.io import write_json
 
 log = logging.getLogger(__name__)
-ATTRS = ("count", "colour", "shape", "size", "position", "all_correct")
 
 
 def load_candidates(samples: Path) -> dict[str, np.ndarray]:
@@ -94,7 +93,7 @@ def extractor(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Path
 def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarray, n: int
                 ) -> list[dict[str, Any]]:
     """Per combo kind: mean oracle correctness of each attribute for best-of-n images."""
-    from dalle.eval.oracle import score
+    from dalle.eval.oracle import ATTRIBUTES, score
 
     rows = []
     results = [score(json.loads(s), img) if s else None for s, img in zip(specs, images)]
@@ -102,7 +101,7 @@ def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarr
         got = [r for r, c in zip(results, combos) if c == combo and r is not None]
         if got:
             rows.append({"rerank_size": n, "combo": combo, "n": len(got),
-                         **{a: round(float(np.mean([r[a] for r in got])), 4) for a in ATTRS}})
+                         **{a: round(float(np.mean([r[a] for r in got])), 4) for a in (*ATTRIBUTES, "all_correct")}})
     return rows
 
 

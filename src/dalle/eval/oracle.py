@@ -25,6 +25,7 @@ from dalle.errors import DataError
 MIN_AREA_FRAC = 0.003  # components smaller than this fraction of the image are noise
 SIZE_SPLIT = 0.116  # equivalent radius / side: small ~0.07-0.107, large ~0.126-0.178
 RELATION_MARGIN = 0.05  # of the image side, for "left of" / "above" / "row" orderings
+ATTRIBUTES = ("count", "colour", "shape", "size", "position")  # what `score` checks; all_correct = all of them
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,6 @@ def score(spec_or_caption: Union[str, dict], image: Any) -> dict[str, Any]:
         result["position"] = _relation_ok(spec.get("relation"), objs, want)
     else:
         result.update(colour=False, shape=False, size=False, position=False)
-    result["all_correct"] = all(result[k] for k in ("count", "colour", "shape", "size", "position"))
+    result["all_correct"] = all(result[k] for k in ATTRIBUTES)
     result["objects"] = [asdict(o) for o in objs]
     return result

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from types import ModuleType
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,27 +32,24 @@ def reconstruct(model: DiscreteVAE, images: np.ndarray,
     return torch.cat(recs).numpy(), torch.cat(codes)
 
 
-def _oracle() -> Optional[Callable[..., dict]]:
+def _oracle() -> Optional[ModuleType]:
     try:
-        from dalle.eval.oracle import score
+        from dalle.eval import oracle
     except ImportError:
         log.warning("dalle.eval.oracle is not available; skipping oracle accuracy")
         return None
-    return score
-
-
-ATTRIBUTES = ("count", "colour", "shape", "size", "position")
+    return oracle
 
 
 def oracle_scores(captions: list[str], images: np.ndarray) -> Optional[dict[str, float]]:
     """The synthetic-world oracle over up to ORACLE_LIMIT images: the fraction read as matching
     their caption exactly ("all_correct") and the fraction right in each attribute."""
-    score = _oracle()
-    if score is None or not captions:
+    oracle = _oracle()
+    if oracle is None or not captions:
         return None
     n = min(len(captions), len(images), ORACLE_LIMIT)
-    rows = [score(captions[i], images[i]) for i in range(n)]
-    return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *ATTRIBUTES)}
+    rows = [oracle.score(captions[i], images[i]) for i in range(n)]
+    return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *oracle.ATTRIBUTES)}
 
 
 def oracle_accuracy(captions: list[str], images: np.ndarray) -> Optional[float]:
