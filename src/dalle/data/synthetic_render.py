@@ -18,8 +18,10 @@ from dalle.data.synthetic_captions import PALETTE
 SUPERSAMPLE = 4
 BACKGROUND = (232, 232, 228)
 # object "radius" as a fraction of the image side; every shape of radius r has an area close
-# to a circle of radius r (square half-side 0.9 r, triangle circumradius 1.3 r)
-RADIUS = {"small": 0.085, "large": 0.155}
+# to a circle of radius r (square half-side 0.9 r, triangle circumradius 1.3 r). A small object
+# spans ~14 px (~1.75 cells of the default 8x8 dVAE grid), a large one ~22 px (~2.8 cells); at
+# 0.085 / 0.155 (~11 / ~20 px) the dVAE lost the shape of both (docs/decisions.md, dVAE).
+RADIUS = {"small": 0.11, "large": 0.175}
 ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),
            "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
 # three objects "from left to right" zig-zag so that three large shapes never touch
