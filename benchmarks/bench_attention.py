@@ -1,4 +1,4 @@
-"""Structured vs boolean-masked sparse attention of the prior (issues 5 and 9, "make it fast").
+"""Structured vs boolean-masked sparse attention of the prior ("make it fast").
 
 `masked` feeds the whole [T+N, T+N] stream mask to the fused CPU flash kernel, which cannot skip
 masked-out blocks; `structured` (dalle.models.attention.structured_attention) runs the text block

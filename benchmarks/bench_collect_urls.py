@@ -1,4 +1,4 @@
-"""URL-list collection speed (issue 3): >= 300 images/s at 256x256 from a loopback server, 2 cores.
+"""URL-list collection speed (target: >= 300 images/s at 256x256 from a loopback server, 2 cores.
 
 The server (tests/integration/data_server.py, a ThreadingHTTPServer) runs in its own process and
 serves 640x480 JPEGs (a pool of 64 distinct pictures, pre-encoded); the client is the real
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import emit, quick
-from dalle.config_sections import Data, Paths
+from benchmarks.common import emit, quick, section
+from dalle.catalog import Artefacts
+from dalle.config_sections import Paths
 from dalle.data.url_list import collect_urls
 from dalle.tracking import NullTracker
 
@@ -56,14 +57,14 @@ def run(n_urls: int, workers: int, image_size: int = 256) -> tuple[float, int, f
             list_path = Path(tmp) / "list.tsv"
             pd.DataFrame({"url": urls, "caption": ["a picture"] * n_urls}).to_csv(
                 list_path, sep="\t", index=False)
-            data = Data.model_validate({
-                "source": "url_list", "image_size": image_size, "shard_size": 1000,
-                "synthetic": {"n_images": 1, "min_objects": 1, "max_objects": 1, "jitter": 0.0,
-                              "background_tint": 0.0},
-                "url_list": {"path": str(list_path), "workers": workers, "per_host": workers,
-                             "allow_private": True, "timeout_s": 30.0}})
+            base = section("data")
+            url_list = dict(base.url_list.model_dump(), path=str(list_path), workers=workers,
+                            per_host=workers, allow_private=True, timeout_s=30.0)
+            data = section("data", source="url_list", image_size=image_size, shard_size=1000,
+                           url_list=url_list)
             start, cpu0, server0 = time.perf_counter(), time.process_time(), _cpu_s(proc.pid)
-            metrics = collect_urls(data, Paths(raw=str(Path(tmp) / "raw")), NullTracker())
+            paths = Paths(**{k: str(Path(tmp) / v) for k, v in section("paths").model_dump().items()})
+            metrics = collect_urls(data, Artefacts(paths), NullTracker(), 0)
             cpu = time.process_time() - cpu0 + _cpu_s(proc.pid) - server0
             return time.perf_counter() - start, int(metrics["ok"]), cpu
     finally:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, quick
-from dalle.config_sections import Distributed, PowerSGD
+from benchmarks.common import emit, quick, section
 from dalle.distributed.powersgd import compression_rate
 from dalle.distributed.strategy import ShardedStrategy
 from dalle.distributed.toy import ToyConfig, train_toy
@@ -40,9 +39,10 @@ def toy() -> ToyConfig:
 def measure(shard_group: int, psgd_rank: int) -> dict:
     torch.set_num_threads(1)
     size = int(os.environ.get("HOROVOD_SIZE", "1"))
-    ps = PowerSGD(enabled=psgd_rank > 0, rank=max(psgd_rank, 1), min_compression_dim=16)
-    strategy = ShardedStrategy.from_config(Distributed(num_proc=size, shard_group_size=shard_group,
-                                                       powersgd=ps))
+    ps = dict(section("distributed").powersgd.model_dump(), enabled=psgd_rank > 0,
+              rank=max(psgd_rank, 1), min_compression_dim=16)
+    strategy = ShardedStrategy.from_config(section("distributed", num_proc=size, shard_group_size=shard_group,
+                                                   powersgd=ps))
     out = train_toy(toy(), strategy, 6 if quick() else 25)
     return {"step_s": statistics.median(out["seconds"][3:]), "wire_bytes": out["wire_bytes"][-1],
             "state_bytes": out["state_bytes"][0], "rank": strategy.rank}

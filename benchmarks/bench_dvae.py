@@ -18,18 +18,20 @@ PAPER = dict(vocab_size=8192, n_hid=256, n_blk_per_group=2, group_count=4, n_ini
 
 def _default_config() -> tuple[dict[str, Any], int]:
     from dalle.config import load_params
-    from dalle.models.dvae import model_config
+    from dalle.models.config import as_dict, from_section
+    from dalle.models.dvae import DVAEConfig
 
     params = load_params("params.yaml")
-    return model_config(params.dvae, params.data.image_size), params.dvae.batch_size
+    config = from_section(DVAEConfig, params.dvae, image_size=params.data.image_size)
+    return as_dict(config), params.dvae.batch_size
 
 
 def bench(case: str, config: dict[str, Any], train_batch: int, encode_batch: int) -> None:
-    from dalle.models.dvae import DiscreteVAE
+    from dalle.models.dvae import DiscreteVAE, DVAEConfig
     from dalle.train.dvae_loss import elb_terms
 
     fmt = torch.channels_last
-    model = DiscreteVAE(config).to(memory_format=fmt)
+    model = DiscreteVAE(DVAEConfig(**config)).to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size = config["image_size"]
     x_train = torch.rand(train_batch, 3, size, size).contiguous(memory_format=fmt)

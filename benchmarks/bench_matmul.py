@@ -1,4 +1,4 @@
-"""The physical ceiling: torch's own dense matmul on this machine (issue 9, the MFU denominator).
+"""The physical ceiling: torch's own dense matmul on this machine (the MFU denominator).
 
 Prints GFLOP/s for square GEMMs and for the GEMM shapes of the prior's MLP at both benchmark shapes,
 in fp32 and bf16 (this CPU has AVX-512 BF16 but no AMX: bf16 GEMMs are not faster than fp32 here).

@@ -1,6 +1,6 @@
 """dVAE: training images/s (forward + ELB loss + backward + Adam step) and encode images/s (argmax
 codes, no gradient) of this project's dVAE vs DALLE-pytorch's `DiscreteVAE` at matched size
-(issue 9, item 3; peak RSS: item 4), in ONE process, channels-last where ours uses it.
+(and peak RSS), in ONE process, channels-last where ours uses it.
 
 Shapes: `default` = params.yaml (64x64 images, 8x8 grid, 512 codes, the default widths);
 `paper-shaped` = 256x256 images, 32x32 grid, the paper's 8192 codes, released layout (4 groups,
@@ -48,12 +48,12 @@ def n_params(*modules: torch.nn.Module) -> int:
 def ours(shape: DvaeShape) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """(model, loss(images) as train/dvae.py computes it, encode(images) -> argmax codes), channels-last
     as train_dvae runs it (dvae.channels_last: true)."""
-    from dalle.models.dvae import DiscreteVAE
+    from dalle.models.dvae import DiscreteVAE, DVAEConfig
     from dalle.train.dvae_loss import elb_terms
 
-    model = DiscreteVAE({"vocab_size": shape.vocab, "n_hid": shape.n_hid, "n_blk_per_group": shape.n_blk_per_group,
-                         "group_count": shape.group_count, "n_init": shape.n_init, "dec_n_hid": shape.dec_n_hid,
-                         "image_size": shape.image_size}).to(memory_format=torch.channels_last)
+    model = DiscreteVAE(DVAEConfig(vocab_size=shape.vocab, n_hid=shape.n_hid, n_blk_per_group=shape.n_blk_per_group,
+                                   group_count=shape.group_count, n_init=shape.n_init, dec_n_hid=shape.dec_n_hid,
+                                   image_size=shape.image_size)).to(memory_format=torch.channels_last)
     return model, (lambda x: elb_terms(model, x, tau=1.0, beta=6.6).loss), model.encode
 
 

@@ -1,6 +1,6 @@
 """Prior training throughput (tokens/s, forward + backward + AdamW step), side by side in ONE process:
 this project's prior vs DALLE-pytorch 1.6.6 vs Hugging Face GPT-2 at the same shape, plus MFU
-against torch's own matmul ceiling measured in the same run (issue 9, item 1; peak RSS: item 4).
+against torch's own matmul ceiling measured in the same run (and peak RSS).
 
 All contenders train in fp32: on this CPU (AVX-512 BF16, no AMX) bf16 GEMMs are slower than fp32
 (bench_matmul), so fp32 is every contender's fastest setting; `dalle-bf16` shows the autocast cost.

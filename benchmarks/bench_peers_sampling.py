@@ -1,5 +1,5 @@
 """Sampling: seconds to generate all image tokens (1,024 at the paper shape) for a batch of 8
-captions (issue 9, item 2), in ONE process:
+captions, in ONE process:
 
 * `dalle`: this project's KV-cached sampler (`dalle.sample.sample_image_tokens`);
 * `gpt2-hf`: GPT-2 `generate(use_cache=True, do_sample=True, top_k=...)` at the same shape;

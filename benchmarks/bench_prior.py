@@ -1,4 +1,4 @@
-"""Prior targets (issue 5): training-step model FLOP rate vs a dense matmul of similar shape
+"""Prior targets: training-step model FLOP rate vs a dense matmul of similar shape
 (fp32 and bf16 autocast), and KV-cached sampling vs recomputing the prefix for 256 text + 1,024
 image tokens (the paper's sequence at reduced width).
 
@@ -12,7 +12,8 @@ import torch
 
 from benchmarks.common import emit, quick, threads, time_interleaved
 from dalle.config import load_params
-from dalle.models.transformer import DalleTransformer, build_prior
+from dalle.models.config import from_section
+from dalle.models.transformer import DalleTransformer, PriorConfig
 from dalle.sample import sample_image_tokens
 from dalle.train.prior_loop import autocast_for, make_optimizer, model_flops_per_step, prior_loss
 
@@ -20,7 +21,9 @@ from dalle.train.prior_loop import autocast_for, make_optimizer, model_flops_per
 def train_rates(batch: int) -> None:
     p = load_params("params.yaml")
     grid = p.data.image_size // 2 ** (p.dvae.group_count - 1)
-    model = build_prior(p.prior, p.tokenizer.vocab_size, p.tokenizer.text_len, p.dvae.vocab_size, grid)
+    model = DalleTransformer(from_section(PriorConfig, p.prior, text_vocab=p.tokenizer.vocab_size,
+                                          text_len=p.tokenizer.text_len, image_vocab=p.dvae.vocab_size,
+                                          grid=grid))
     opt = make_optimizer(model, p.prior)
     text = torch.randint(0, p.tokenizer.vocab_size, (batch, p.tokenizer.text_len))
     lengths = torch.full((batch,), p.tokenizer.text_len // 2)
@@ -50,11 +53,14 @@ def train_rates(batch: int) -> None:
 
 
 def sampling_speedup(text_len: int, grid: int, d_model: int, batch: int = 1) -> None:
-    """KV-cached decoding vs recomputing the whole prefix at every position (issue 5: >= 10x for
+    """KV-cached decoding vs recomputing the whole prefix at every position (target >= 10x for
     1,024 image tokens at the paper's sequence, reduced width): both decode greedily end to end,
     and the tokens must agree. The recompute baseline runs the model's own (auto) attention."""
     torch.manual_seed(0)
-    model = DalleTransformer(512, text_len, 512, grid, n_layers=4, d_model=d_model, n_heads=4, conv_kernel=11)
+    model = DalleTransformer(PriorConfig(text_vocab=512, text_len=text_len, image_vocab=512, grid=grid,
+                                         n_layers=4, d_model=d_model, n_heads=4, mlp_ratio=4,
+                                         attention="sparse", conv_kernel=11, dropout=0.0,
+                                         checkpointing=False, attention_impl="auto"))
     ids, lengths = torch.randint(0, 512, (batch, text_len)), torch.full((batch,), text_len * 3 // 4)
     times, outs = {}, {}
     for cached in (True, False):

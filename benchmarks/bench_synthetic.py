@@ -1,4 +1,4 @@
-"""Synthetic world throughput: render + shard writing (issue 3 target: >= 2,000 images/s on 2
+"""Synthetic world throughput: render + shard writing (target: >= 2,000 images/s on 2
 cores at 64x64), render alone on one core, and the oracle's parse rate.
 
     python -m benchmarks.bench_synthetic          # BENCH_QUICK=1 for a seconds-long smoke run

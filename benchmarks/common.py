@@ -26,7 +26,7 @@ PREFIX = "BENCH "
 BEGIN, END = "<!-- BENCH:BEGIN -->", "<!-- BENCH:END -->"
 REQUIRED = ("section", "case", "impl", "metric", "value")
 PEERS = ("dalle-pytorch", "gpt2-hf", "torch-matmul")
-# Targets of issue 9: (section, peer) -> minimal advantage of this project over that peer.
+# The benchmark targets (docs/benchmarks.md): (section, peer) -> minimal advantage of this project over that peer.
 TARGETS: dict[tuple[str, str], float] = {
     ("prior_train", "dalle-pytorch"): 1.3,
     ("prior_train", "gpt2-hf"): 0.9,
@@ -156,7 +156,7 @@ def _fmt(v: float | None) -> str:
 
 
 def _versus(row: dict, group: list[dict]) -> str:
-    """Text of the 'vs peers' cell for one of our rows: ratio per peer, with the issue's target."""
+    """Text of the 'vs peers' cell for one of our rows: ratio per peer, with the target."""
     parts = []
     for peer in group:
         if is_ours(peer["impl"]):
@@ -299,3 +299,11 @@ def run_quick(script: str) -> list[dict]:
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return parse_lines(r.stdout)
+
+
+def section(name: str, **values: Any) -> Any:
+    """One section of params.yaml (where every default lives) with some values replaced."""
+    from dalle.config import REPO_ROOT, load_params
+
+    current = getattr(load_params(REPO_ROOT / "params.yaml"), name)
+    return type(current).model_validate({**current.model_dump(), **values})

@@ -1,6 +1,6 @@
-"""The benchmark shapes and the three contenders built at the same shape (issue 9).
+"""The benchmark shapes and the three contenders built at the same shape.
 
-* `dalle`: this project's prior (`dalle.models.transformer.build_prior`), from params.yaml;
+* `dalle`: this project's prior (`dalle.models.transformer.DalleTransformer`), from params.yaml;
 * `dalle-pytorch`: lucidrains' DALLE-pytorch 1.6.6 with its closest attention settings: per layer
   axial_row, axial_col on layers with (i-2) mod 4 = 0 (paper B.1, 1-based i), conv_like last;
   rotary embeddings and token shifting off (the paper has neither), fp32;
@@ -121,12 +121,15 @@ def build_gpt2(shape: Shape) -> torch.nn.Module:
 
 
 def build_ours(shape: Shape) -> torch.nn.Module:
-    from dalle.models.transformer import build_prior
+    from dalle.models.config import from_section
+    from dalle.models.transformer import DalleTransformer, PriorConfig
 
     prior = section("prior").model_copy(update={
         "d_model": shape.d_model, "n_layers": shape.n_layers, "n_heads": shape.n_heads,
         "conv_kernel": shape.conv_kernel, "dropout": 0.0, "checkpointing": False})
-    return build_prior(prior, shape.text_vocab, shape.text_len, shape.image_vocab, shape.grid)
+    return DalleTransformer(from_section(PriorConfig, prior, text_vocab=shape.text_vocab,
+                                         text_len=shape.text_len, image_vocab=shape.image_vocab,
+                                         grid=shape.grid))
 
 
 def preimport() -> None:

@@ -1,4 +1,4 @@
-"""Profile one contender's training step or sampling run with torch.profiler (issue 9, "make it fast").
+"""Profile one contender's training step or sampling run with torch.profiler ("make it fast").
 
     benchmarks/.venv-peers/bin/python -m benchmarks.profile_prior --impl dalle --what train --shape paper-shaped
 

@@ -4,7 +4,7 @@
 # Never touches the project venv. Idempotent: a stamp holds the hash of this script; a second run
 # with nothing changed takes ~1 s.
 #
-# What it takes to get dalle-pytorch 1.6.6 importable today (issue 9):
+# What it takes to get dalle-pytorch 1.6.6 importable today:
 #   * youtokentome has no wheel for 3.11 and its sdist needs Cython at build time:
 #     install Cython first, then youtokentome with --no-build-isolation;
 #   * taming-transformers-rom1504 needs pytorch-lightning<1.8 (it imports

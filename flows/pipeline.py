@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,26 @@ from dalle.tracking import PIPELINE_ENV, check_reachable, open_pipeline
 from flows.tasks import check_prefect_api, task_for
 
 FLOW_NAME = "dalle-pipeline"
+
+
+@contextlib.contextmanager
+def library_logs_to_prefect() -> Iterator[None]:
+    """While the flow runs, the `dalle.*` records of this process also go to the run's Prefect
+    log, which the UI shows: the `dalle` logger gets the API log handler Prefect gives its own
+    run loggers (what PREFECT_LOGGING_EXTRA_LOGGERS does, for this flow's duration only)."""
+    library = logging.getLogger("dalle")
+    level = library.level
+    added = [h for h in logging.getLogger("prefect.flow_runs").handlers if h not in library.handlers]
+    if level == logging.NOTSET:  # Prefect's root logger stops at WARNING
+        library.setLevel(os.environ.get("DALLE_LOG_LEVEL", "INFO").upper())
+    for handler in added:
+        library.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            library.removeHandler(handler)
+        library.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -72,7 +93,7 @@ def dalle_pipeline(params_file: str = "params.yaml", preset: Optional[str] = Non
     """Run the DAG (or `stages`) on `params_file` (+ `preset`, `overrides`) in `workdir`."""
     overrides = list(overrides or [])
     pid = f"prefect-{flow_run.get_id() or 'local'}"
-    with _in_workdir(workdir, pid):
+    with _in_workdir(workdir, pid), library_logs_to_prefect():
         params = load_params(params_file, preset, overrides)
         parent = open_pipeline(params, pid)
         results = []

@@ -1,5 +1,6 @@
-"""`python -m flows.serve [--params F] [--preset P] [--workdir D]`: serve the pipeline flow as a
-Prefect deployment with the cron schedule of params `schedule` (cron, timezone, deployment name).
+"""`python -m flows.serve [--params F] [--preset P] [--workdir D] [--stages a,b]`: serve the pipeline
+flow as a Prefect deployment with the cron schedule of params `schedule` (cron, timezone,
+deployment name); `--stages` makes each scheduled run take only those stages.
 
 Run it from the repo root, with PREFECT_API_URL pointing at a server (`make ui` starts one on
 127.0.0.1:4200); the deployment, its schedule and every scheduled or manual run then show in the
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from dalle.config import load_params
 from dalle.config_sections import Schedule
 from dalle.errors import ConfigError
+from dalle.pipeline import select
 from dalle.runner import configure_logging, run_guarded
 from flows.pipeline import dalle_pipeline
 from flows.tasks import check_prefect_api
@@ -36,16 +38,18 @@ def cron_schedule(schedule: Schedule) -> CronSchedule:
 
 
 def build_deployment(params_file: str = "params.yaml", preset: Optional[str] = None,
-                     workdir: Optional[str] = None) -> RunnerDeployment:
+                     workdir: Optional[str] = None,
+                     stages: Optional[list[str]] = None) -> RunnerDeployment:
     """The deployment of `dalle_pipeline` with its cron schedule and default parameters."""
     params = load_params(params_file, preset)
+    select(stages)  # unknown stage names: one line before anything is registered
     schedule = params.schedule
     workdir = str(Path(workdir or ".").resolve())
     return dalle_pipeline.to_deployment(
         name=schedule.deployment,
         schedules=[cron_schedule(schedule)],
         parameters={"params_file": str(Path(params_file).resolve()), "preset": preset,
-                    "workdir": workdir},
+                    "workdir": workdir, "stages": stages},
         description=f"dalle pipeline on {params_file}"
                     + (f" + preset {preset}" if preset else "") + f" in {workdir}",
         tags=["dalle"],
@@ -58,11 +62,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--preset", default=None)
     parser.add_argument("--workdir", default=".", help="where the stages run (default: here)")
+    parser.add_argument("--stages", default=None, help="comma-separated subset, e.g. generate,evaluate")
     args = parser.parse_args(argv)
     configure_logging()
 
     def go() -> int:
-        deployment = build_deployment(args.params, args.preset, args.workdir)
+        stages = args.stages.split(",") if args.stages else None
+        deployment = build_deployment(args.params, args.preset, args.workdir, stages)
         check_prefect_api()
         serve(deployment)
         return 0

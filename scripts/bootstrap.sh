@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates or refreshes .venv: torch/torchvision first, then Horovod built from source (recipe of
-# DESIGN.md §3), then the project and the rest of the stack. Each step keeps a stamp holding the
+# docs/operations.md, the stack), then the project and the rest of the stack. Each step keeps a stamp holding the
 # hash of its inputs, so a second run with nothing changed rebuilds nothing and takes ~1 s.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -6,27 +6,22 @@ adds its parser and sets `func(args) -> int`. Expected failures end as one `erro
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Optional, Sequence
 
+from dalle.commands import config_cmd, dvae_cmd, dvc_cmd, generate_cmd, runs_cmd
 from dalle.runner import configure_logging, run_guarded
 
 # Command modules, in help order; each defines register(subparsers).
-COMMAND_MODULES = (
-    "dalle.commands.config_cmd",
-    "dalle.commands.runs_cmd",
-    "dalle.commands.dvae_cmd",
-    "dalle.commands.generate_cmd",
-)
+COMMAND_MODULES = (config_cmd, runs_cmd, dvae_cmd, generate_cmd, dvc_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle", description="DALL-E pipeline tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

@@ -29,29 +29,28 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------- paths / tracking
 class Paths(Section):
-    raw: str = "data/raw"
-    clean: str = "data/clean"
-    tokens: str = "data/tokens"
-    models: str = "models"
-    samples: str = "samples"
-    metrics: str = "metrics"
-    plots: str = "plots"
+    raw: str
+    clean: str
+    tokens: str
+    models: str
+    samples: str
+    metrics: str
+    plots: str
 
 
 class Tracking(Section):
-    enabled: bool = True
-    experiment: str = "dalle"
-    uri: Optional[str] = None  # default: sqlite:///<repo>/mlflow.db; env MLFLOW_TRACKING_URI wins
-    register_models: bool = True
+    enabled: bool
+    experiment: str
+    uri: Optional[str]  # default: sqlite:///<repo>/mlflow.db; env MLFLOW_TRACKING_URI wins
+    register_models: bool
 
 
 # ----------------------------------------------------------------------------- data
 class Synthetic(Section):
     n_images: int = Field(gt=0)
-    seed: int = 0
     min_objects: int = Field(ge=1, le=3)
     max_objects: int = Field(ge=1, le=3)
-    holdout: StrTup = ()  # "colour shape" pairs never in train, only in evaluation captions
+    holdout: StrTup  # "colour shape" pairs never in train, only in evaluation captions
     jitter: float = Field(ge=0.0, le=0.5)
     background_tint: float = Field(ge=0.0, le=0.5)
 
@@ -63,109 +62,108 @@ class Synthetic(Section):
 
 
 class UrlList(Section):
-    path: Optional[str] = None
-    url_col: str = "url"
-    caption_col: str = "caption"
-    workers: int = Field(16, gt=0, le=256)
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(2, ge=0, le=10)
-    backoff_s: float = Field(0.5, ge=0)
-    per_host: int = Field(4, gt=0)  # politeness: concurrent requests per host
-    max_bytes: int = Field(20_000_000, gt=0)
-    min_side: int = Field(32, gt=0)
-    max_pixels: int = Field(89_478_485, gt=0)  # PIL's decompression-bomb default
-    allow_private: bool = False  # loopback/private targets (tests' local server) need opt-in
-    header_names: StrTup = ()  # names for a headerless list, e.g. CC3M's TSV: [caption, url]
-    image_format: Literal["jpg", "png"] = "jpg"  # re-encoding of the resized images
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    path: Optional[str]
+    url_col: str
+    caption_col: str
+    workers: int = Field(gt=0, le=256)
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0, le=10)
+    backoff_s: float = Field(ge=0)
+    per_host: int = Field(gt=0)  # politeness: concurrent requests per host
+    max_bytes: int = Field(gt=0)
+    min_side: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)  # PIL's decompression-bomb default
+    allow_private: bool  # loopback/private targets (tests' local server) need opt-in
+    header_names: StrTup  # names for a headerless list, e.g. CC3M's TSV: [caption, url]
+    image_format: Literal["jpg", "png"]  # re-encoding of the resized images
+    jpeg_quality: int = Field(ge=1, le=100)
 
 
 class Folder(Section):
-    path: Optional[str] = None  # a directory of images + sidecar .txt, or COCO captions_*.json
-    min_side: int = Field(32, gt=0)
-    max_pixels: int = Field(89_478_485, gt=0)
-    image_format: Literal["jpg", "png"] = "jpg"
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    workers: int = Field(4, gt=0, le=64)  # decode/resize threads (PIL releases the GIL)
+    path: Optional[str]  # a directory of images + sidecar .txt, or COCO captions_*.json
+    min_side: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+    image_format: Literal["jpg", "png"]
+    jpeg_quality: int = Field(ge=1, le=100)
+    workers: int = Field(gt=0, le=64)  # decode/resize threads (PIL releases the GIL)
 
 
 class WebDataset(Section):
-    paths: StrTup = ()  # tar shards or globs (e.g. img2dataset output); one output shard per tar
-    min_side: int = Field(32, gt=0)
-    max_pixels: int = Field(89_478_485, gt=0)
-    image_format: Literal["jpg", "png"] = "jpg"
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    paths: StrTup  # tar shards or globs (e.g. img2dataset output); one output shard per tar
+    min_side: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+    image_format: Literal["jpg", "png"]
+    jpeg_quality: int = Field(ge=1, le=100)
 
 
 class Data(Section):
-    source: Literal["synthetic", "url_list", "folder", "webdataset"] = "synthetic"
-    image_size: int = Field(64, ge=8, le=1024)
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    shard_size: int = Field(1000, gt=0)
-    seed: int = 0
-    eval_captions: int = Field(200, gt=0)  # captions per combo kind in eval_captions.parquet
+    source: Literal["synthetic", "url_list", "folder", "webdataset"]
+    image_size: int = Field(ge=8, le=1024)
+    val_fraction: float = Field(gt=0.0, lt=1.0)
+    shard_size: int = Field(gt=0)
+    eval_captions: int = Field(gt=0)  # evaluation captions per combo kind
     synthetic: Synthetic
-    url_list: UrlList = UrlList()
-    folder: Folder = Folder()
-    webdataset: WebDataset = WebDataset()
+    url_list: UrlList
+    folder: Folder
+    webdataset: WebDataset
 
 
 class Dedup(Section):
-    hash_size: int = Field(8, ge=4, le=32)  # imagehash phash size -> hash_size**2 bits
-    near_threshold: int = Field(6, ge=0)  # max hamming distance for a near-duplicate
+    hash_size: int = Field(ge=4, le=32)  # imagehash phash size -> hash_size**2 bits
+    near_threshold: int = Field(ge=0)  # max hamming distance for a near-duplicate
     # remove near duplicates within a split (web data). The synthetic world renders many
     # look-alike images on purpose (same spec, small jitter): params.yaml keeps exact only.
-    remove_near: bool = True
-    overlap_threshold: int = Field(8, ge=0)  # val<->train hamming distance counted as overlap
-    crop_scale: float = Field(0.93, gt=0.5, le=1.0)  # extra phashes of crops: crop-robust matching
-    crop_grid: int = Field(3, ge=0, le=5)  # crop_grid x crop_grid crop positions (0: full hash only)
+    remove_near: bool
+    overlap_threshold: int = Field(ge=0)  # val<->train hamming distance counted as overlap
+    crop_scale: float = Field(gt=0.5, le=1.0)  # extra phashes of crops: crop-robust matching
+    crop_grid: int = Field(ge=0, le=5)  # crop_grid x crop_grid crop positions (0: full hash only)
     # paper §3.2 ranks every val image by its closest train image: exact (all pairs) up to this
     # many val x train pairs; beyond, only matches within overlap_threshold are found (index)
-    exact_nearest_max_pairs: int = Field(1_000_000_000, ge=0)
-    use_embeddings: bool = False  # contrastive-model embeddings for overlap (paper §3.2)
-    embedding_threshold: float = Field(0.95, ge=-1.0, le=1.0)
+    exact_nearest_max_pairs: int = Field(ge=0)
+    use_embeddings: bool  # contrastive-model embeddings for overlap (paper §3.2)
+    embedding_threshold: float = Field(ge=-1.0, le=1.0)
 
 
 class Tokenizer(Section):
     vocab_size: int = Field(gt=0)  # paper §2.2: 16,384
     text_len: int = Field(gt=0)  # paper §2.2: at most 256 tokens
-    bpe_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # paper §2.2 fn.5: 10% BPE dropout in training
-    min_frequency: int = Field(2, ge=1)
+    bpe_dropout: float = Field(ge=0.0, lt=1.0)  # paper §2.2 fn.5: 10% BPE dropout in training
+    min_frequency: int = Field(ge=1)
 
 
 # ----------------------------------------------------------------------------- dVAE
 class DVAE(Section):
     vocab_size: int = Field(gt=1)  # paper §2.1: K = 8192
     n_hid: int = Field(gt=0)  # released encoder: 256
-    n_blk_per_group: int = Field(2, gt=0)
-    group_count: int = Field(4, ge=1, le=6)  # downsampling 2**(group_count-1): 8x at 4 groups
-    n_init: int = Field(128, gt=0)  # decoder: 1x1 conv from vocab to n_init
+    n_blk_per_group: int = Field(gt=0)
+    group_count: int = Field(ge=1, le=6)  # downsampling 2**(group_count-1): 8x at 4 groups
+    n_init: int = Field(gt=0)  # decoder: 1x1 conv from vocab to n_init
     dec_n_hid: int = Field(gt=0)  # released decoder: 256
     steps: int = Field(gt=0)  # paper A.2: 3,000,000 updates
     batch_size: int = Field(gt=0)  # paper A.2: 512
     lr: float = Field(gt=0)  # paper A.2: 1e-4 annealed (cosine) to 1.25e-6
     lr_final: float = Field(gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    tau_start: float = Field(1.0, gt=0)  # paper A.2: tau 1 -> 1/16
-    tau_final: float = Field(1.0 / 16, gt=0)
-    straight_through: bool = False  # paper: soft relaxation; True feeds the decoder hard one-hots
-    zero_init_logits: bool = True  # our choice: encoder output conv starts at 0 (docs/decisions.md)
-    usage_weight: float = Field(0.0, ge=0)  # our choice, not the paper's: KL(batch usage || uniform)
-    tau_frac: float = Field(0.05, gt=0, le=1)  # paper: 150k of 3M updates
-    kl_max: float = Field(6.6, ge=0)  # paper §2.1: beta up to 6.6
-    kl_frac: float = Field(0.0017, gt=0, le=1)  # paper: 5k of 3M updates
-    lr_frac: float = Field(0.4, gt=0, le=1)  # paper: 1.2M of 3M updates
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    log_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(200, gt=0)
-    channels_last: bool = True
-    threads: int = Field(0, ge=0)  # 0: torch default
-    device: Device = "auto"
+    weight_decay: float = Field(ge=0)
+    tau_start: float = Field(gt=0)  # paper A.2: tau 1 -> 1/16
+    tau_final: float = Field(gt=0)
+    straight_through: bool  # paper: soft relaxation; True feeds the decoder hard one-hots
+    zero_init_logits: bool  # our choice: encoder output conv starts at 0 (docs/decisions.md)
+    usage_weight: float = Field(ge=0)  # our choice, not the paper's: KL(batch usage || uniform)
+    tau_frac: float = Field(gt=0, le=1)  # paper: 150k of 3M updates
+    kl_max: float = Field(ge=0)  # paper §2.1: beta up to 6.6
+    kl_frac: float = Field(gt=0, le=1)  # paper: 5k of 3M updates
+    lr_frac: float = Field(gt=0, le=1)  # paper: 1.2M of 3M updates
+    ema_decay: float = Field(ge=0, lt=1)
+    log_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+    channels_last: bool
+    threads: int = Field(ge=0)  # 0: torch default
+    device: Device
 
 
 class Encode(Section):
-    batch_size: int = Field(256, gt=0)
-    threads: int = Field(0, ge=0)  # 0: torch default
+    batch_size: int = Field(gt=0)
+    threads: int = Field(ge=0)  # 0: torch default
 
 
 # ----------------------------------------------------------------------------- prior
@@ -173,35 +171,35 @@ class Prior(Section):
     n_layers: int = Field(gt=0)  # paper B.1: 64
     d_model: int = Field(gt=0)  # paper: 3968
     n_heads: int = Field(gt=0)  # paper: 62 heads of 64
-    mlp_ratio: int = Field(4, gt=0)
-    attention: Literal["sparse", "full"] = "sparse"
+    mlp_ratio: int = Field(gt=0)
+    attention: Literal["sparse", "full"]
     # masked: one boolean-masked SDPA call per layer; structured: text block + row/column/conv
     # blocks merged by log-sum-exp (exact, CPU); auto: structured where measured faster (grid >= 16)
-    attention_impl: Literal["auto", "masked", "structured"] = "auto"
-    conv_kernel: int = Field(11, gt=0)  # paper B.1 fig.11: 11x11 convolutional mask, last layer
-    dropout: float = Field(0.0, ge=0, lt=1)
-    checkpointing: bool = False  # paper §2.4: activation checkpointing of resblocks
+    attention_impl: Literal["auto", "masked", "structured"]
+    conv_kernel: int = Field(gt=0)  # paper B.1 fig.11: 11x11 convolutional mask, last layer
+    dropout: float = Field(ge=0, lt=1)
+    checkpointing: bool  # paper §2.4: activation checkpointing of resblocks
     steps: int = Field(gt=0)  # paper B.2: 430,000 updates
     batch_size: int = Field(gt=0)  # paper B.2: 1024
     lr: float = Field(gt=0)  # paper B.2: 4.5e-4
     warmup_steps: int = Field(ge=0)  # paper B.2: linear warm-up over 5000 updates
-    lr_final_frac: float = Field(1.0 / 32, gt=0, le=1)  # paper B.2: ends 32x smaller
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.96, ge=0, lt=1)  # paper B.2
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(4.5e-2, ge=0)  # paper B.2
-    grad_clip: float = Field(4.0, gt=0)  # paper B.2: clip gradient norm to 4
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    loss_text_weight: float = Field(1.0 / 8, ge=0)  # paper §2.2: text x 1/8
-    loss_image_weight: float = Field(7.0 / 8, ge=0)  # paper §2.2: image x 7/8
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 + per-resblock scaling on GPU
-    grad_scale_init: float = Field(2.0 ** 13, gt=0)  # paper App. D
-    grad_scale_growth_interval: int = Field(1000, gt=0)
-    log_every: int = Field(20, gt=0)
-    sample_every: int = Field(500, gt=0)
-    checkpoint_every: int = Field(200, gt=0)
-    compile: bool = False
-    device: Device = "auto"  # sharded ranks: cuda:<local rank> when Horovod has NCCL (issue 6)
+    lr_final_frac: float = Field(gt=0, le=1)  # paper B.2: ends 32x smaller
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)  # paper B.2
+    eps: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)  # paper B.2
+    grad_clip: float = Field(gt=0)  # paper B.2: clip gradient norm to 4
+    ema_decay: float = Field(ge=0, lt=1)
+    loss_text_weight: float = Field(ge=0)  # paper §2.2: text x 1/8
+    loss_image_weight: float = Field(ge=0)  # paper §2.2: image x 7/8
+    precision: Literal["fp32", "bf16", "fp16"]  # fp16 + per-resblock scaling on GPU
+    grad_scale_init: float = Field(gt=0)  # paper App. D
+    grad_scale_growth_interval: int = Field(gt=0)
+    log_every: int = Field(gt=0)
+    sample_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+    compile: bool
+    device: Device  # sharded ranks: cuda:<local rank> when Horovod has NCCL
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "Prior":
@@ -211,19 +209,18 @@ class Prior(Section):
 
 
 class PowerSGD(Section):
-    enabled: bool = False
-    rank: int = Field(4, gt=0)  # paper Table 1: 512 / 640 / 896 at full scale
-    error_feedback: bool = True
-    min_compression_dim: int = Field(16, gt=0)  # smaller matrices and 1-D params go uncompressed
-    seed: int = 0  # Q drawn once from this seed, shared by all ranks, never updated
-    eps: float = Field(1e-6, gt=0)  # identity multiple added before Householder QR
+    enabled: bool
+    rank: int = Field(gt=0)  # paper Table 1: 512 / 640 / 896 at full scale
+    error_feedback: bool
+    min_compression_dim: int = Field(gt=0)  # smaller matrices and 1-D params go uncompressed
+    eps: float = Field(gt=0)  # identity multiple added before Householder QR
 
 
 class Distributed(Section):
-    num_proc: int = Field(1, gt=0)
-    shard_group_size: int = Field(1, gt=0)  # ranks per "machine" (paper: 8 GPUs)
-    hosts: Optional[str] = None  # "host1:n,host2:n"; None = localhost:num_proc
-    powersgd: PowerSGD = PowerSGD()
+    num_proc: int = Field(gt=0)
+    shard_group_size: int = Field(gt=0)  # ranks per "machine" (paper: 8 GPUs)
+    hosts: Optional[str]  # "host1:n,host2:n"; None = localhost:num_proc
+    powersgd: PowerSGD
 
     @model_validator(mode="after")
     def _groups_divide(self) -> "Distributed":
@@ -243,26 +240,27 @@ class Clip(Section):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=1)
     lr: float = Field(gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    temperature_init: float = Field(0.07, gt=0)
-    retrieval_candidates: int = Field(32, gt=1)
-    log_every: int = Field(50, gt=0)
+    weight_decay: float = Field(ge=0)
+    temperature_init: float = Field(gt=0)
+    retrieval_candidates: int = Field(gt=1)
+    ema_decay: float = Field(ge=0, lt=1)  # 0: no weight averaging (CLIP keeps its last weights)
+    log_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
 
 
 class Rerank(Section):
-    clip_checkpoint: Optional[str] = None  # a local OpenAI/open_clip checkpoint instead of ours
-    clip_arch: str = "ViT-B-32"
+    clip_checkpoint: Optional[str]  # a local OpenAI/open_clip checkpoint instead of ours
+    clip_arch: str
 
 
 class Generate(Section):
     n_captions: int = Field(gt=0)
     candidates: int = Field(gt=0)  # paper §2.6: N = 512
     keep: int = Field(gt=0)
-    temperature: float = Field(1.0, gt=0)  # paper §2.6: t = 1
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(gt=0)  # paper §2.6: t = 1
+    top_k: int = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
     batch_size: int = Field(gt=0)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _keep_le_candidates(self) -> "Generate":
@@ -272,32 +270,32 @@ class Generate(Section):
 
 
 class Evaluate(Section):
-    blur_radii: FloatTup = (0, 1, 2, 4, 8)  # paper fig. 9(a)
-    rerank_sizes: IntTup = (1, 2, 4, 8, 16, 32)  # paper fig. 9(c)
-    inception_weights: Optional[str] = None  # local torch-fidelity Inception-v3 state dict
-    batch_size: int = Field(64, gt=0)
-    cache_dir: str = ".cache/fidelity"  # torch-fidelity feature cache of the real (val) images
+    blur_radii: FloatTup  # paper fig. 9(a)
+    rerank_sizes: IntTup  # paper fig. 9(c)
+    inception_weights: Optional[str]  # local torch-fidelity Inception-v3 state dict
+    batch_size: int = Field(gt=0)
+    cache_dir: str  # torch-fidelity feature cache of the real (val) images
 
 
 class Schedule(Section):
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    deployment: str = "dalle-nightly"
+    cron: str
+    timezone: str
+    deployment: str
 
 
 class Params(Section):
-    seed: int = 0
-    paths: Paths = Paths()
-    tracking: Tracking = Tracking()
+    seed: int
+    paths: Paths
+    tracking: Tracking
     data: Data
-    dedup: Dedup = Dedup()
+    dedup: Dedup
     tokenizer: Tokenizer
     dvae: DVAE
-    encode: Encode = Encode()
+    encode: Encode
     prior: Prior
-    distributed: Distributed = Distributed()
+    distributed: Distributed
     clip: Clip
-    rerank: Rerank = Rerank()
+    rerank: Rerank
     generate: Generate
-    evaluate: Evaluate = Evaluate()
-    schedule: Schedule = Schedule()
+    evaluate: Evaluate
+    schedule: Schedule

@@ -1,18 +1,19 @@
 """Training curves as DVC plots files: every metric a stage logs with a step, kept on rank 0 and
-written to `<paths.metrics>/curves/<stage>.json` when the stage succeeds (`tracking.stage_run`)."""
+written to the stage's curves file when the stage succeeds (`dalle.stage.tracked`)."""
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
+from dalle.io import write_json
 from dalle.tracking import NullTracker
 
 
 class CurveRecorder(NullTracker):
     """Passes everything to the inner tracker and keeps every metric logged with a step, so the
-    stage can leave its curves as a DVC plots file (`<paths.metrics>/curves/<stage>.json`).
+    stage can leave its curves as a DVC plots file (`Artefacts.curves(stage)`).
 
     With a `journal` path every row is also appended there as it is logged, so a run killed
     mid-training does not lose its curve: the resumed run's file keeps the journal's rows for the
@@ -49,8 +50,6 @@ class CurveRecorder(NullTracker):
         return rows
 
     def write(self, path: Path) -> None:
-        from dalle.io import write_json
-
         first = min(self.rows, default=None)
         rows = {s: r for s, r in self._journal_rows().items() if first is None or s < first}
         rows.update(self.rows)
@@ -58,12 +57,3 @@ class CurveRecorder(NullTracker):
         write_json(path, [rows[s] for s in sorted(rows)])
         if self.journal is not None:
             self.journal.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def recorded(stage: str, params: Any, tracker: NullTracker) -> Iterator[NullTracker]:
-    """Wrap `tracker` in a CurveRecorder and write the curves file when the stage succeeds."""
-    curves = Path(params.paths.metrics) / "curves"
-    recorder = CurveRecorder(tracker, journal=curves / f".{stage}.journal.jsonl")
-    yield recorder
-    recorder.write(curves / f"{stage}.json")

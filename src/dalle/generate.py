@@ -1,16 +1,17 @@
 """The `generate` stage: N candidates per evaluation caption, reranked, top k kept (paper §2.6).
 
 For each evaluation caption (the first `generate.n_captions` of every combo kind in
-eval_captions.parquet) the prior draws N = `generate.candidates` image-token grids (paper: 512,
+the evaluation captions) the prior draws N = `generate.candidates` image-token grids (paper: 512,
 t = 1), the dVAE decodes them, the contrastive model scores them and the best `generate.keep`
-are written as PNGs. `samples/candidates.npz` keeps every candidate's tokens and score so that
+are written as PNGs. The candidates file keeps every candidate's tokens and score so that
 evaluate can rebuild best-of-n for any n <= N without resampling (paper fig. 9c).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -18,47 +19,60 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle.config_sections import Generate, Paths, Rerank, Tokenizer
+from dalle.catalog import Artefacts
+from dalle.config_sections import Generate, Rerank
+from dalle.data.reader import eval_captions
+from dalle.data.tokenizer import BPETokenizer, load_tokenizer, tokenize
 from dalle.errors import CheckpointError, DataError
-from dalle.io import atomic_dir, load_checkpoint, write_json
+from dalle.io import atomic_dir, write_json
+from dalle.models.dvae import DiscreteVAE, load_dvae
+from dalle.models.transformer import DalleTransformer, load_prior
+from dalle.pixels import grid, to_uint8
 from dalle.rerank import Reranker, load_reranker, top_k
+from dalle.sample import sample_image_tokens
+from dalle.stage import Out, StageSpec
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids, lengths -> [B*N, G]
+
+
+@dataclass
+class Sampler:
+    """The three trained pieces sampling needs, loaded by their one loaders and checked against
+    each other (the stage, `dalle generate` and evaluation all take them from here)."""
+
+    prior: DalleTransformer
+    dvae: DiscreteVAE
+    tokenizer: BPETokenizer
+
+
+def check_compatible(prior: DalleTransformer, dvae: DiscreteVAE, tokenizer: BPETokenizer,
+                     where: Path) -> None:
+    """One line naming the first disagreement between the prior and the dVAE / tokenizer."""
+    c, d = prior.config, dvae.config
+    if tokenizer.vocab_size > c.text_vocab:
+        raise CheckpointError(f"{where} reads {c.text_vocab} text tokens but the tokenizer has "
+                              f"{tokenizer.vocab_size}; retrain the prior (dvc repro train_prior)")
+    if (c.image_vocab, c.grid) != (d.vocab_size, d.grid):
+        raise CheckpointError(f"{where} was trained on a {c.grid}x{c.grid} grid of {c.image_vocab} "
+                              f"codes but the dVAE makes {d.grid}x{d.grid} of {d.vocab_size}; "
+                              "retrain the prior (dvc repro train_prior)")
+
+
+def load_sampler(art: Artefacts, prior_path: Optional[Path] = None) -> Sampler:
+    """The prior (at `prior_path`, default the pipeline's), dVAE and tokenizer, checked."""
+    path = prior_path or art.prior
+    prior, dvae = load_prior(path), load_dvae(art.dvae)
+    tokenizer = load_tokenizer(art.tokenizer, dropout=0.0)
+    check_compatible(prior, dvae, tokenizer, path)
+    return Sampler(prior, dvae, tokenizer)
 
 
 def select_captions(frame: pd.DataFrame, per_combo: int) -> pd.DataFrame:
     """The first `per_combo` captions of every combo kind ("seen", "holdout", "val")."""
     if frame.empty:
-        raise DataError("the evaluation caption list is empty (data/raw/eval_captions.parquet)")
+        raise DataError("the evaluation caption list is empty (rerun the collect stage)")
     picked = frame.groupby("combo", sort=False, group_keys=False).head(per_combo)
     return picked.reset_index(drop=True)
-
-
-def load_prior(paths: Paths) -> torch.nn.Module:
-    from dalle.models.transformer import from_config
-
-    path = Path(paths.models) / "prior.safetensors"
-    weights, config, _ = load_checkpoint(path)
-    model = from_config(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its own config ({str(exc)[:120]})") from None
-    return model.eval()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def grid_image(images: np.ndarray) -> Image.Image:
-    """uint8 [k, H, W, 3] -> one row of k images with 2-px white gaps."""
-    k, h, w, _ = images.shape
-    canvas = np.full((h, k * (w + 2) - 2, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        canvas[:, i * (w + 2):i * (w + 2) + w] = img
-    return Image.fromarray(canvas)
 
 
 def run_candidates(captions: pd.DataFrame, ids: torch.Tensor, lengths: torch.Tensor, cfg: Generate,
@@ -84,14 +98,14 @@ def run_candidates(captions: pd.DataFrame, ids: torch.Tensor, lengths: torch.Ten
     return np.concatenate(tokens), np.concatenate(scores).astype(np.float32), kept
 
 
-def write_samples(out: Path, captions: pd.DataFrame, tokens: np.ndarray, scores: np.ndarray,
-                  kept: list[np.ndarray], keep: int) -> pd.DataFrame:
-    """PNGs, grids, index.parquet and candidates.npz into the directory `out`."""
+def write_samples(out: Path, art: Artefacts, captions: pd.DataFrame, tokens: np.ndarray,
+                  scores: np.ndarray, kept: list[np.ndarray], keep: int) -> pd.DataFrame:
+    """PNGs, grids, the index and the candidates into `out` (the samples directory to be)."""
     rows = []
     order = top_k(scores, keep)
     for c, row in enumerate(captions.itertuples(index=False)):
         (out / "grids").mkdir(parents=True, exist_ok=True)
-        grid_image(kept[c]).save(out / "grids" / f"{row.caption_id}.png")
+        grid(kept[c], cols=len(kept[c]), gap=2).save(out / "grids" / f"{row.caption_id}.png")
         for rank, cand in enumerate(order[c]):
             rel = f"images/{row.caption_id}_r{rank}.png"
             (out / "images").mkdir(exist_ok=True)
@@ -100,48 +114,50 @@ def write_samples(out: Path, captions: pd.DataFrame, tokens: np.ndarray, scores:
                          "candidate": int(cand), "score": float(scores[c, cand]), "rank": rank,
                          "path": rel})
     index = pd.DataFrame(rows)
-    index.to_parquet(out / "index.parquet", index=False)
-    np.savez_compressed(out / "candidates.npz", tokens=tokens, scores=scores,
+    index.to_parquet(out / art.samples_index.name, index=False)
+    np.savez_compressed(out / art.candidates.name, tokens=tokens, scores=scores,
                         caption_ids=captions["caption_id"].to_numpy().astype(str),
                         captions=captions["caption"].to_numpy().astype(str),
                         combos=captions["combo"].to_numpy().astype(str))
     return index
 
 
-def generate(cfg: Generate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Paths, tracker: Any
+def generate(art: Artefacts, tracker: Any, generate: Generate, rerank: Rerank, seed: int
              ) -> dict[str, Any]:
     """The `generate` stage body."""
-    from dalle.data.reader import eval_captions
-    from dalle.models.dvae import load_dvae
-    from dalle.sample import sample_image_tokens
-    from dalle.train.clip import load_tokenizer, tokenize
-
-    captions = select_captions(eval_captions(paths), cfg.n_captions)
-    prior = load_prior(paths)
-    dvae = load_dvae(Path(paths.models) / "dvae.safetensors")
-    reranker = load_reranker(rerank_cfg, paths, tok_cfg)
-    ids, lengths = tokenize(load_tokenizer(paths), captions["caption"].tolist(),
-                            int(prior.text_len))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    cfg = generate
+    captions = select_captions(eval_captions(art), cfg.n_captions)
+    models = load_sampler(art)
+    reranker = load_reranker(rerank, art)
+    ids, lengths = tokenize(models.tokenizer, captions["caption"].tolist(), models.prior.text_len)
+    gen = torch.Generator().manual_seed(seed)
 
     def sample(i: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return sample_image_tokens(prior, i, n, cfg.candidates, cfg.temperature, cfg.top_k,
+        return sample_image_tokens(models.prior, i, n, cfg.candidates, cfg.temperature, cfg.top_k,
                                    cfg.top_p, cfg.batch_size, gen)
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        tokens, scores, kept = run_candidates(captions, ids, lengths, cfg, sample, dvae.decode,
+        tokens, scores, kept = run_candidates(captions, ids, lengths, cfg, sample, models.dvae.decode,
                                               reranker)
     seconds = time.perf_counter() - t0
-    with atomic_dir(paths.samples) as tmp:
-        index = write_samples(tmp, captions, tokens, scores, kept, cfg.keep)
+    with atomic_dir(art.samples) as tmp:
+        index = write_samples(tmp, art, captions, tokens, scores, kept, cfg.keep)
     metrics = {"captions": len(captions), "candidates": cfg.candidates, "keep": cfg.keep,
                "images_sampled": int(tokens.shape[0] * tokens.shape[1]),
                "seconds": round(seconds, 1), "reranker": reranker.name,
                "score_best_mean": round(float(scores.max(1).mean()), 4),
                "score_mean": round(float(scores.mean()), 4)}
-    write_json(Path(paths.metrics) / "generate.json", metrics)
+    write_json(art.metrics("generate"), metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    for grid in sorted((Path(paths.samples) / "grids").glob("*.png"))[:8]:
-        tracker.log_artifact(grid, "grids")
+    for png in sorted((art.samples / "grids").glob("*.png"))[:8]:
+        tracker.log_artifact(png, "grids")
     return {**metrics, "kept_images": len(index)}
+
+
+STAGE = StageSpec(
+    name="generate", fn=generate, params=("generate", "rerank", "seed"),
+    inputs=lambda a: (a.prior, a.dvae, a.clip, a.tokenizer, a.eval_captions),
+    outputs=lambda a: (Out(a.samples), Out(a.metrics("generate"), metric=True)),
+    summary="N candidates per evaluation caption, reranked, the top k kept (§2.6)",
+)

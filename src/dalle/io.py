@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dalle.errors import CheckpointError, OutputError
@@ -158,17 +158,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail early, in one line, when an output directory cannot be created or written."""
-    target = Path(path)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_sibling(target / ".write-probe")
-        probe.unlink()
-    except OSError as exc:
-        raise _output_error(target, exc) from None
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def flatten_state(state: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
     """Nested dict/list of tensors and plain values -> (flat tensors, JSON skeleton).
@@ -304,8 +293,6 @@ def _load_checkpoint(path: Path, expected_config: Mapping[str, Any] | None,
                      with_state: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     _sniff(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
         flat = load_file(str(path))

@@ -2,7 +2,7 @@
 
 Two scorers share one interface, `Reranker.score(captions, images) -> float [B]` (cosine
 similarity of the normalised embeddings):
-* ours: `models/clip.safetensors` from the train_clip stage, over the project's BPE tokens;
+* ours: the contrastive model of the train_clip stage, over the project's BPE tokens;
 * a real OpenAI/open_clip checkpoint at `rerank.clip_checkpoint` (a local path; nothing is
   downloaded): architecture from `open_clip.create_model(rerank.clip_arch, pretrained=None)`,
   weights via safetensors or `torch.load(weights_only=True)`.
@@ -18,10 +18,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from dalle.config_sections import Paths, Rerank, Tokenizer
+from dalle.catalog import Artefacts
+from dalle.config_sections import Rerank
+from dalle.data.tokenizer import load_tokenizer, tokenize
 from dalle.errors import CheckpointError, DataError
-from dalle.models.clip import uint8_to_float
+from dalle.models.clip import load_clip
+from dalle.pixels import to_float, to_uint8
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +43,7 @@ class Reranker:
     @torch.no_grad()
     def image_features(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> [N, D]."""
-        out = [self.encode_image(uint8_to_float(images[i:i + self.batch_size]))
+        out = [self.encode_image(to_float(images[i:i + self.batch_size]))
                for i in range(0, len(images), self.batch_size)]
         return torch.cat(out)
 
@@ -57,14 +61,11 @@ class Reranker:
         return (img * txt[row]).sum(-1).numpy().astype(np.float32)
 
 
-def ours(paths: Paths, tok_cfg: Tokenizer) -> Reranker:
-    """The reranker trained by train_clip (models/clip.safetensors)."""
-    from dalle.models.clip import load_clip
-    from dalle.train.clip import load_tokenizer, tokenize
-
-    model = load_clip(Path(paths.models) / "clip.safetensors")
-    tokenizer = load_tokenizer(paths)
-    text_len = int(model.config["text_len"])
+def ours(art: Artefacts) -> Reranker:
+    """The reranker trained by train_clip."""
+    model = load_clip(art.clip)
+    tokenizer = load_tokenizer(art.tokenizer)
+    text_len = model.config.text_len
 
     def text(captions: Sequence[str]) -> torch.Tensor:
         ids, lengths = tokenize(tokenizer, list(captions), text_len)
@@ -78,8 +79,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"rerank.clip_checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -127,9 +126,9 @@ def from_open_clip(cfg: Rerank) -> Reranker:
     return Reranker(image, text, name=f"open_clip:{cfg.clip_arch}")
 
 
-def load_reranker(cfg: Rerank, paths: Paths, tok_cfg: Tokenizer) -> Reranker:
+def load_reranker(cfg: Rerank, art: Artefacts) -> Reranker:
     """`rerank.clip_checkpoint` when set (real CLIP weights), else our trained model."""
-    return from_open_clip(cfg) if cfg.clip_checkpoint else ours(paths, tok_cfg)
+    return from_open_clip(cfg) if cfg.clip_checkpoint else ours(art)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -138,30 +137,13 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[..., :k]
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(params_path: str) -> Reranker:
-    from dalle.config import load_params
-
-    params = load_params(params_path)
-    return load_reranker(params.rerank, params.paths, params.tokenizer)
-
-
-def rerank_fn(captions: Sequence[str], images: np.ndarray, params_path: str = "params.yaml"
-              ) -> np.ndarray:
-    """For `dalle generate --candidates N --keep K`: scores [B] of (caption, uint8 image) pairs
-    with the reranker configured in `params_path` (loaded once, cached)."""
-    return _cached(str(params_path)).score(captions, images)
-
-
-def cli_rerank_fn(cfg: Rerank, paths: Paths, tok_cfg: Tokenizer
-                  ) -> Callable[[list[str], torch.Tensor], torch.Tensor]:
+def cli_rerank_fn(cfg: Rerank, art: Artefacts) -> Callable[[list[str], torch.Tensor], torch.Tensor]:
     """The `dalle generate` hook: (captions, float images [B, 3, H, W] in [0, 1]) -> candidate
     indices, best first (paper §2.6), with the configured reranker."""
-    reranker = load_reranker(cfg, paths, tok_cfg)
-    return functools.partial(order_candidates, reranker)
+    return functools.partial(order_candidates, load_reranker(cfg, art))
 
 
 def order_candidates(reranker: Reranker, captions: list[str], images: torch.Tensor) -> torch.Tensor:
     """float [B, 3, H, W] in [0, 1] -> LongTensor [B] of indices sorted by score, best first."""
-    u8 = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    u8 = to_uint8(images)
     return torch.from_numpy(top_k(reranker.score(list(captions), u8)[None], len(u8))[0].copy())

@@ -1,8 +1,7 @@
-"""Shared entry-point plumbing for `stages/*.py`, `flows/` and the CLI.
+"""Shared entry-point plumbing for the stages (`dalle.stage`), `flows/` and the CLI.
 
-`stage_main(name, body)` parses `--params/--preset/-S`, loads the config, opens the stage's MLflow
-run and calls `body(params, tracker)`. Expected failures (`DalleError`, disk full, permission
-denied) end as one `error: ...` line on stderr with exit status 1, never a traceback.
+Expected failures (`DalleError`, disk full, permission denied) end as one `error: ...` line on
+stderr with exit status 1, never a traceback; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -13,11 +12,8 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from dalle.config import load_params
-from dalle.config_sections import Params
 from dalle.errors import DalleError
 
-StageBody = Callable[[Params, Any], Any]
 log = logging.getLogger("dalle")
 
 
@@ -70,18 +66,3 @@ def configure_logging() -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("mlflow", "alembic", "urllib3", "httpx", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def stage_main(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) -> Any:
-    """Entry point of `python -m stages.<name>`."""
-    configure_logging()
-    args = parse_stage_args(name, argv)
-
-    def go() -> Any:
-        from dalle.tracking import stage_run
-
-        params = load_params(args.params, args.preset, args.overrides)
-        with stage_run(name, params) as tracker:
-            return body(params, tracker)
-
-    return run_guarded(go)

@@ -1,7 +1,7 @@
 """Token caching, the `encode` stage (paper §2.2): images -> dVAE codes, captions -> BPE ids.
 
 The EMA encoder is run with argmax (no gumbel noise) over the clean train/val splits, so prior
-training never touches pixels. Output per split, `paths.tokens/<split>.npz`: image_tokens uint16
+training never touches pixels. Output per split (`Artefacts.tokens(split)`): image_tokens uint16
 [N, grid^2], text_tokens int32 [N, text_len] (pad -1), text_lengths int32 [N], keys, captions.
 """
 from __future__ import annotations
@@ -15,13 +15,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalle.config_sections import Encode, Paths
+from dalle.catalog import SPLITS, Artefacts
+from dalle.config_sections import Encode
+from dalle.data.reader import load_split
+from dalle.data.tokenizer import BPETokenizer, load_tokenizer
 from dalle.errors import DataError
 from dalle.io import atomic_path
-from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, load_dvae, to_float
+from dalle.models.dvae import DiscreteVAE, load_dvae
+from dalle.pixels import as_rgb_uint8, to_float
+from dalle.stage import Out, StageSpec
 
 log = logging.getLogger("dalle.encode")
-SPLITS = ("train", "val")
 
 
 @torch.inference_mode()  # ~10% over no_grad here: no version counters / autograd metadata
@@ -47,10 +51,10 @@ def write_tokens(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def encode_split(model: DiscreteVAE, tokenizer: Any, text_len: int, keys: list[str],
+def encode_split(model: DiscreteVAE, tokenizer: BPETokenizer, text_len: int, keys: list[str],
                  captions: list[str], images: np.ndarray, batch_size: int,
                  split: str) -> dict[str, np.ndarray]:
-    images = as_rgb_uint8(images, model.config["image_size"], split)
+    images = as_rgb_uint8(images, model.config.image_size, split)
     image_tokens = encode_images(model, images, batch_size, desc=f"encode {split}")
     ids, lengths = tokenizer.encode_padded(list(captions), text_len)  # [N, T] pad -1, [N]
     return {"image_tokens": image_tokens, "text_tokens": np.asarray(ids, dtype=np.int32),
@@ -58,30 +62,33 @@ def encode_split(model: DiscreteVAE, tokenizer: Any, text_len: int, keys: list[s
             "keys": np.asarray(keys, dtype=str), "captions": np.asarray(captions, dtype=str)}
 
 
-def encode_tokens(cfg: Encode, text_len: int, paths: Paths, tracker: Any) -> dict[str, Any]:
+def encode_tokens(art: Artefacts, tracker: Any, encode: Encode, text_len: int) -> dict[str, Any]:
     """Library function of the `encode` stage; returns its metrics."""
-    from dalle.data.reader import load_split
-    from dalle.data.tokenizer import BPETokenizer
-
+    cfg = encode
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_dvae(Path(paths.models) / "dvae.safetensors")
-    tok_path = Path(paths.models) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise DataError(f"tokenizer not found: {tok_path}; run the tokenizer stage first")
-    tokenizer = BPETokenizer.load(tok_path)
+    model = load_dvae(art.dvae)
+    tokenizer = load_tokenizer(art.tokenizer)
     metrics: dict[str, Any] = {}
     for split in SPLITS:
-        data = load_split(paths, split)
+        data = load_split(art, split)
         if split == "train" and len(data) == 0:
-            raise DataError(f"the train split under {paths.clean} is empty; nothing to encode")
+            raise DataError(f"the train split under {art.clean} is empty; nothing to encode")
         t0 = time.perf_counter()
         arrays = encode_split(model, tokenizer, text_len, data.keys, data.captions, data.images,
                               cfg.batch_size, split)
         seconds = time.perf_counter() - t0
-        write_tokens(Path(paths.tokens) / f"{split}.npz", arrays)
+        write_tokens(art.tokens(split), arrays)
         metrics[f"{split}_n"] = len(data)
         metrics[f"{split}_images_per_s"] = len(data) / max(seconds, 1e-9)
     metrics["grid"] = int(arrays["image_tokens"].shape[1]) if len(arrays["image_tokens"]) else 0
     tracker.log_metrics(metrics)
     return metrics
+
+
+STAGE = StageSpec(
+    name="encode", fn=encode_tokens, params=("encode", "tokenizer.text_len"),
+    inputs=lambda a: (a.dvae, a.tokenizer, a.clean, a.raw),
+    outputs=lambda a: (Out(a.tokens_dir),),
+    summary="argmax image tokens + BPE text into the token cache (§2.2)",
+)

@@ -323,21 +323,6 @@ def latest_stage_run(params: Any, stage: str, since_ms: int = 0) -> Optional[str
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[NullTracker]:
-    """Context for one stage: yields a tracker (MLflow child run, or Null when tracking is off or
-    rank != 0); on rank 0 the metrics logged with a step also become `metrics/curves/<stage>.json`
-    (DVC plots), whether tracking is on or not."""
-    with _stage_run(stage, params, rank) as tracker:
-        if (process_rank() if rank is None else rank) != 0:
-            yield tracker
-            return
-        from dalle.curves import recorded
-
-        with recorded(stage, params, tracker) as recorder:
-            yield recorder
-
-
-@contextlib.contextmanager
-def _stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[NullTracker]:
     """Context for one stage: yields a tracker (Null when off or rank != 0) and ends the run.
 
     `params` is the full `dalle.config.Params`; all of it is logged (dotted names) so runs can be
@@ -364,21 +349,3 @@ def _stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[
     finally:
         retry_locked(lambda: client.set_terminated(run.info.run_id, status=status))
         retry_locked(lambda: client.set_terminated(pipe.run_id, status=status))
-
-
-def log_json_artifact(tracker: NullTracker, obj: Any, name: str) -> None:
-    """Convenience for trackers: write obj to a temp JSON file and log it."""
-    if not tracker.enabled:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(obj, indent=2, default=str))
-        tracker.log_artifact(path)
-
-
-
-def fetch_model(uri: str, dst: Optional[str | Path] = None, tracking_uri: Optional[str] = None) -> Path:
-    """A local directory with the model's files; see `dalle.runs.fetch_model`."""
-    from dalle.runs import fetch_model as fetch
-
-    return fetch(uri, dst, tracking_uri)

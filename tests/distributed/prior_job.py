@@ -6,9 +6,10 @@ from typing import Any, Optional
 
 import torch
 
-from dalle.models.transformer import DalleTransformer
+from dalle.models.transformer import DalleTransformer, PriorConfig
 from dalle.train.grad_scale import ResblockScaler
-from dalle.train.prior_loop import param_groups, prior_loss
+from dalle.train.common import param_groups
+from dalle.train.prior_loop import prior_loss
 
 BATCH = 8
 
@@ -23,7 +24,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def run_prior(strategy: Optional[Any], steps: int) -> dict[str, list[float]]:
     torch.manual_seed(0)
-    model = DalleTransformer(50, 6, 40, 4, 3, 32, 4, checkpointing=True)
+    model = DalleTransformer(PriorConfig(text_vocab=50, text_len=6, image_vocab=40, grid=4, n_layers=3, d_model=32,
+                                         n_heads=4, mlp_ratio=4, attention="sparse", conv_kernel=11,
+                                         dropout=0.0, checkpointing=True, attention_impl="auto"))
     model.train()
     if strategy is not None:
         strategy.wrap(model)

@@ -1,5 +1,6 @@
-"""`relaunch_stage`: a stage asked for distributed.num_proc 2 re-executes itself under horovodrun
-before opening its MLflow run, and then runs as two Horovod ranks (the path `dvc repro` takes)."""
+"""A stage declared `distributed=True` and asked for distributed.num_proc 2 re-executes itself
+under horovodrun before opening its MLflow run, and then runs as two Horovod ranks (the path
+`dvc repro` takes)."""
 from __future__ import annotations
 
 import os
@@ -15,15 +16,23 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 
 STAGE = """
-import os, sys
+import os
 from pathlib import Path
-from dalle.distributed.launch import relaunch_stage
+from dalle.stage import StageSpec
 
-relaunch_stage("fake")
-rank = os.environ.get("HOROVOD_RANK", "single")
-if rank == os.environ.get("FAKE_DIE_RANK"):
-    raise SystemExit(3)
-Path(os.environ["FAKE_OUT"], "rank" + rank).write_text(os.environ.get("HOROVOD_SIZE", "1"))
+
+def fn(art, tracker, distributed):
+    rank = os.environ.get("HOROVOD_RANK", "single")
+    if rank == os.environ.get("FAKE_DIE_RANK"):
+        raise SystemExit(3)
+    Path(os.environ["FAKE_OUT"], "rank" + rank).write_text(os.environ.get("HOROVOD_SIZE", "1"))
+    return {}
+
+
+STAGE = StageSpec("fake", fn, ("distributed",), lambda a: (), lambda a: (), "a fake stage",
+                  distributed=True)
+if __name__ == "__main__":
+    STAGE.main()
 """
 
 
@@ -37,7 +46,7 @@ def run_fake(tmp: Path, *overrides: str, die: str = "") -> tuple[subprocess.Comp
     env = dict(os.environ, PYTHONPATH=str(tmp), FAKE_OUT=str(out), FAKE_DIE_RANK=die,
                OMP_NUM_THREADS="1")
     env.pop("HOROVOD_RANK", None)
-    args = [a for o in overrides for a in ("-S", o)]
+    args = [a for o in ("tracking.enabled=false", *overrides) for a in ("-S", o)]
     proc = subprocess.run([sys.executable, "-m", "stages.fake", *args], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc, out

@@ -23,10 +23,10 @@ from dalle.distributed.toy import ToyConfig, train_toy
 
 def run_job(job: dict[str, Any], groups: Any, size: int, shard_group: int) -> dict[str, Any]:
     ps = PowerSGD(enabled=job.get("powersgd", 0) > 0, rank=max(job.get("powersgd", 0), 1),
-                  error_feedback=job.get("ef", True), min_compression_dim=8)
-    dist = Distributed(num_proc=size, shard_group_size=shard_group, powersgd=ps)
+                  error_feedback=job.get("ef", True), min_compression_dim=8, eps=1e-6)
+    dist = Distributed(num_proc=size, shard_group_size=shard_group, hosts=None, powersgd=ps)
     strategy = ShardedStrategy(dist, groups)
-    if job.get("kind") == "prior":  # the real prior model (issue 5) on the same strategy
+    if job.get("kind") == "prior":  # the real prior model on the same strategy
         from prior_job import run_prior
 
         return run_prior(strategy, job["steps"])

@@ -1,31 +1,44 @@
-"""Stand-in stage scripts for the flow tests: real `stage_main` entry points with tiny bodies
-(log a metric curve, write a marker), so orchestration is tested without training anything."""
+"""Stand-in stages for the flow tests: real `StageSpec`s with tiny bodies (log a metric curve and a
+`dalle.*` log line, write a marker), put in place of the DAG's, so orchestration is tested without
+training anything."""
 from __future__ import annotations
 
-import textwrap
+import logging
 from pathlib import Path
+from typing import Any
 
-STAGE = textwrap.dedent("""
-    from pathlib import Path
-    from dalle.runner import stage_main
+import pytest
 
-    def body(params, tracker):
+from dalle import pipeline
+from dalle.stage import Out, StageSpec
+
+NAMES = ("collect", "dedup", "evaluate")
+
+
+def _body(name: str):  # noqa: ANN202
+    def fn(art: Any, tracker: Any, prior: Any) -> dict[str, Any]:
         flaky = Path("collect.flaky")
-        if "{name}" == "collect" and flaky.exists():
+        if name == "collect" and flaky.exists():
             flaky.unlink()
             raise ConnectionError("transient network error")
         with open("order.log", "a") as fh:
-            fh.write("{name}\\n")
+            fh.write(f"{name}\n")
+        logging.getLogger(f"dalle.standin.{name}").info("stand-in %s ran", name)
         for step in range(3):
-            tracker.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
-        return {{"loss": 1 / 3, "n_layers": params.prior.n_layers, "seen": "{name}"}}
-
-    if __name__ == "__main__":
-        stage_main("{name}", body)
-    """)
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        return {"loss": 1 / 3, "n_layers": prior.n_layers, "seen": name}
+    return fn
 
 
-def write_standins(workdir: Path, names: tuple[str, ...] = ("collect", "dedup", "evaluate")) -> None:
-    (workdir / "stages").mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (workdir / "stages" / f"{name}.py").write_text(STAGE.format(name=name))
+def standin_specs() -> tuple[StageSpec, ...]:
+    outs = {"collect": lambda a: (Out(a.raw),), "dedup": lambda a: (Out(a.clean),),
+            "evaluate": lambda a: (Out(a.fid_blur, cache=False),)}
+    ins = {"collect": lambda a: (), "dedup": lambda a: (a.raw,), "evaluate": lambda a: (a.clean,)}
+    return tuple(StageSpec(n, _body(n), ("prior",), ins[n], outs[n], f"stand-in {n}") for n in NAMES)
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the DAG by the stand-ins for this test."""
+    specs = standin_specs()
+    monkeypatch.setattr(pipeline, "STAGES", specs)
+    monkeypatch.setattr(pipeline, "BY_NAME", {s.name: s for s in specs})

@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dalle.catalog import Artefacts
 from dalle.config import load_params
 from dalle.data.reader import eval_captions, load_split
 from dalle.data.tokenizer import BPETokenizer
-from stages.collect import main as collect_main
-from stages.tokenizer import main as tokenizer_main
+from tests.helpers import stage_main
+collect_main = stage_main("collect")
+tokenizer_main = stage_main("tokenizer")
 
 
 def _args(tmp_path: Path, repo_root: Path, *extra: str) -> list[str]:
@@ -47,8 +49,8 @@ def test_collect_resume_reader_and_tokenizer(tmp_path, repo_root):
     assert again["shards_written"] == 1 and (raw / "00000.tar").stat().st_mtime_ns == tar0
     assert (raw / "manifest.parquet").read_bytes() == first  # byte-identical after the resume
 
-    paths = load_params(repo_root / "params.yaml", overrides=[f"paths.raw={raw}",
-                                                              f"paths.clean={tmp_path / 'clean'}"]).paths
+    paths = Artefacts(load_params(repo_root / "params.yaml", overrides=[
+        f"paths.raw={raw}", f"paths.clean={tmp_path / 'clean'}"]).paths)
     train = load_split(paths, "train")
     manifest = pd.read_parquet(raw / "manifest.parquet")
     assert len(train) == (manifest["split"] == "train").sum() == metrics["train"]

@@ -9,21 +9,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dalle.config_sections import Data, Paths
+from dalle.config_sections import Data
 from dalle.data.folder import collect_folder
 from dalle.data.webdataset_source import collect_webdataset
 from dalle.errors import DataError
 from dalle.runner import run_guarded
 from dalle.tracking import NullTracker
+from tests.helpers import data_section, raw_art
 from tests.integration.data_server import jpeg, make_image
 
 SYNTH = {"n_images": 10, "min_objects": 1, "max_objects": 1, "jitter": 0.0, "background_tint": 0.0}
 
 
 def make_data(source: str, **section) -> Data:
-    return Data.model_validate({"source": source, "image_size": 32, "shard_size": 3,
-                                "val_fraction": 0.2, "synthetic": SYNTH,
-                                source: dict({"min_side": 16}, **section)})
+    return data_section(source, image_size=32, shard_size=3, val_fraction=0.2, synthetic=SYNTH,
+                        **{source: dict({"min_side": 16}, **section)})
 
 
 def manifest(raw: Path) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def test_folder_with_sidecar_captions(tmp_path):
     (src / "broken.jpg").write_bytes(b"not really a jpeg")
     (src / "broken.txt").write_text("broken")
     raw = tmp_path / "raw"
-    metrics = collect_folder(make_data("folder", path=str(src)), Paths(raw=str(raw)), NullTracker())
+    metrics = collect_folder(make_data("folder", path=str(src)), raw_art(raw), NullTracker(), 0)
     rows = manifest(raw)
     assert metrics["ok"] == 3 and metrics["failed"] == 2 and len(rows) == 5
     assert rows.loc["sub/c.jpg", "caption"] == "picture 2"
@@ -63,7 +63,7 @@ def test_coco_captions_json(tmp_path):
                            {"id": 11, "image_id": 3, "caption": "Gone."}]}
     (root / "annotations" / "captions_val2017.json").write_text(json.dumps(doc))
     raw = tmp_path / "raw"
-    metrics = collect_folder(make_data("folder", path=str(root)), Paths(raw=str(raw)), NullTracker())
+    metrics = collect_folder(make_data("folder", path=str(root)), raw_art(raw), NullTracker(), 0)
     rows = manifest(raw)
     assert metrics["ok"] == 2 and rows.loc["000000000001.jpg", "caption"] == "A dog on a sofa."
     assert rows.loc["000000000003.jpg", "error"].startswith("missing_image")
@@ -95,16 +95,16 @@ def test_webdataset_shards_are_ingested(tmp_path):
     _tar(src / "00001.tar", _sample("000010000", 3) + [("000010001.txt", b"caption only")])
     raw = tmp_path / "raw"
     data = make_data("webdataset", paths=[str(src / "*.tar")])
-    metrics = collect_webdataset(data, Paths(raw=str(raw)), NullTracker())
+    metrics = collect_webdataset(data, raw_art(raw), NullTracker(), 0)
     rows = manifest(raw)
     assert metrics["ok"] == 3 and metrics["input_tars"] == 2
     assert rows.loc["http://example.com/000010000.jpg", "caption"] == "sample 000010000"
     assert metrics["shards_written"] == 2
-    again = collect_webdataset(data, Paths(raw=str(raw)), NullTracker())
+    again = collect_webdataset(data, raw_art(raw), NullTracker(), 0)
     assert again["shards_written"] == 0 and again["ok"] == 3  # resumed: nothing redone
     bigger = data.model_copy(update={"image_size": 48})
     with pytest.raises(DataError, match="other inputs \\(image_size: 32 -> 48\\)"):
-        collect_webdataset(bigger, Paths(raw=str(raw)), NullTracker())  # never mix old shards
+        collect_webdataset(bigger, raw_art(raw), NullTracker(), 0)  # never mix old shards
 
 
 @pytest.mark.parametrize("evil", [
@@ -120,7 +120,7 @@ def test_hostile_tar_members_never_escape(tmp_path, capsys, evil):
     data = make_data("webdataset", paths=[str(src / "00000.tar")])
     before = set(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as info:
-        run_guarded(lambda: collect_webdataset(data, Paths(raw=str(raw)), NullTracker()))
+        run_guarded(lambda: collect_webdataset(data, raw_art(raw), NullTracker(), 0))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # no bars
     assert info.value.code == 1 and len(err) == 1 and "00000.tar" in err[0], err
     created = {p for p in set(tmp_path.rglob("*")) - before if raw not in p.parents and p != raw}
@@ -138,11 +138,11 @@ def test_bad_local_sources_are_one_line(tmp_path, source, section, match):
     data = make_data(source, **section)
     fn = collect_folder if source == "folder" else collect_webdataset
     with pytest.raises(DataError, match=match):
-        fn(data, Paths(raw=str(tmp_path / "raw")), NullTracker())
+        fn(data, raw_art(tmp_path / "raw"), NullTracker(), 0)
 
 
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no images"):
         collect_folder(make_data("folder", path=str(tmp_path / "empty")),
-                       Paths(raw=str(tmp_path / "raw")), NullTracker())
+                       raw_art(tmp_path / "raw"), NullTracker(), 0)

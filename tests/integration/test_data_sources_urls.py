@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle.config_sections import Data, Paths
+from dalle.config_sections import Data
 from dalle.data import shards
 from dalle.data.url_list import collect_urls
 from dalle.errors import DataError
 from dalle.runner import run_guarded
 from dalle.tracking import NullTracker
+from tests.helpers import data_section, raw_art
 from tests.integration.data_server import serve
 
 SYNTH = {"n_images": 10, "min_objects": 1, "max_objects": 1, "jitter": 0.0, "background_tint": 0.0}
@@ -30,8 +31,8 @@ def make_data(list_path: Path, shard_size: int = 8, **url_list) -> Data:
            "backoff_s": 0.01, "per_host": 8, "max_bytes": 1_000_000, "min_side": 16,
            "allow_private": True, "image_format": "png"}
     cfg.update(url_list)
-    return Data.model_validate({"source": "url_list", "image_size": 32, "shard_size": shard_size,
-                                "val_fraction": 0.2, "synthetic": SYNTH, "url_list": cfg})
+    return data_section("url_list", image_size=32, shard_size=shard_size, val_fraction=0.2,
+                        synthetic=SYNTH, url_list=cfg)
 
 
 def write_list(path: Path, urls: list[str], sep: str = "\t") -> Path:
@@ -71,8 +72,8 @@ def test_every_url_gets_a_row_with_its_reason(server, tmp_path):
     urls = [u if "://" in u or not u.startswith("/") else server.base + u
             for u in good + list(BAD_CASES)]
     data = make_data(write_list(tmp_path / "list.tsv", urls))
-    paths = Paths(raw=str(tmp_path / "raw"))
-    metrics = collect_urls(data, paths, NullTracker())
+    paths = raw_art(tmp_path / "raw")
+    metrics = collect_urls(data, paths, NullTracker(), 0)
     manifest = pd.read_parquet(tmp_path / "raw" / "manifest.parquet")
     assert len(manifest) == len(urls) and manifest["key"].is_unique
     by_url = dict(zip(manifest["url"], zip(manifest["status"], manifest["error"])))
@@ -95,7 +96,7 @@ def test_private_addresses_need_opt_in(server, tmp_path):
     data = make_data(write_list(tmp_path / "list.tsv", [server.base + "/img/900.jpg"]),
                      allow_private=False)
     with pytest.raises(DataError, match="private_address"):
-        collect_urls(data, Paths(raw=str(tmp_path / "raw")), NullTracker())
+        collect_urls(data, raw_art(tmp_path / "raw"), NullTracker(), 0)
     assert server.count("/img/900.jpg") == 0
 
 
@@ -107,17 +108,17 @@ def test_killed_run_resumes_without_fetching_twice(server, tmp_path):
     urls = [f"{server.base}/img/{100 + i}.jpg" for i in range(20)]
     data = make_data(write_list(tmp_path / "list.csv", urls, sep=","), shard_size=4, retries=0,
                      timeout_s=20.0)  # a request count of 2 must mean a second download
-    paths = Paths(raw=str(tmp_path / "raw"))
+    paths = raw_art(tmp_path / "raw")
 
     def kill_after_two(shard: int) -> None:
         if shard == 1:
             raise Killed()
 
     with pytest.raises(Killed):
-        collect_urls(data, paths, NullTracker(), on_shard_done=kill_after_two)
+        collect_urls(data, paths, NullTracker(), 0, on_shard_done=kill_after_two)
     assert shards.completed_shards(tmp_path / "raw") == {0, 1}
     assert not (tmp_path / "raw" / "manifest.parquet").exists()
-    metrics = collect_urls(data, paths, NullTracker())
+    metrics = collect_urls(data, paths, NullTracker(), 0)
     manifest = pd.read_parquet(tmp_path / "raw" / "manifest.parquet")
     assert len(manifest) == 20 and (manifest["status"] == "ok").all()
     assert sorted(manifest["url"]) == sorted(urls) and manifest["key"].is_unique
@@ -138,7 +139,7 @@ def test_malformed_lists_end_in_one_line(tmp_path, capsys, content, name, match)
     path.write_text(content)
     data = make_data(path)
     with pytest.raises(SystemExit) as info:
-        run_guarded(lambda: collect_urls(data, Paths(raw=str(tmp_path / "raw")), NullTracker()))
+        run_guarded(lambda: collect_urls(data, raw_art(tmp_path / "raw"), NullTracker(), 0))
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 1 and len(err) == 1 and err[0].startswith("error: url list")
     assert match in err[0], err[0]
@@ -148,7 +149,7 @@ def test_malformed_lists_end_in_one_line(tmp_path, capsys, content, name, match)
 def test_all_failed_is_an_empty_data_set(server, tmp_path):
     data = make_data(write_list(tmp_path / "list.tsv", [server.base + "/status/404"]))
     with pytest.raises(DataError, match="no image|none of 1"):
-        collect_urls(data, Paths(raw=str(tmp_path / "raw")), NullTracker())
+        collect_urls(data, raw_art(tmp_path / "raw"), NullTracker(), 0)
     assert not (tmp_path / "raw" / "manifest.parquet").exists()
 
 
@@ -156,5 +157,5 @@ def test_headerless_cc3m_list(server, tmp_path):
     path = tmp_path / "cc3m.tsv"
     path.write_text(f"a cat\t{server.base}/img/300.jpg\na dog\t{server.base}/img/301.jpg\n")
     data = make_data(path, header_names=["caption", "url"])
-    metrics = collect_urls(data, Paths(raw=str(tmp_path / "raw")), NullTracker())
+    metrics = collect_urls(data, raw_art(tmp_path / "raw"), NullTracker(), 0)
     assert metrics["ok"] == 2

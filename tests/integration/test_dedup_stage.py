@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from dalle.data import shards
-from stages.dedup import main as dedup_main
+from tests.helpers import stage_main
 from tests.integration.data_server import make_image
+
+dedup_main = stage_main("dedup")
 
 SPLITS = {"v": "val", "t": "train"}
 
@@ -46,7 +48,7 @@ def build_raw(raw: Path) -> None:
     split = lambda key: SPLITS[key[0]]  # noqa: E731
     shards.write_shard(raw, 0, train[:7], split)
     shards.write_shard(raw, 1, train[7:] + val, split)
-    shards.finalize(raw)
+    shards.finalize(raw, raw / "manifest.parquet")
 
 
 def _args(tmp_path: Path, repo_root: Path) -> list[str]:
@@ -107,16 +109,18 @@ def test_embeddings_without_model_is_one_line(tmp_path, repo_root, capsys):
 
 def test_overlap_by_contrastive_embeddings(tmp_path, repo_root):
     """dedup.use_embeddings: the reranker's image embeddings (paper §3.2), a tiny untrained one."""
-    clip = pytest.importorskip("dalle.models.clip")
     from dalle.config import load_params
     from dalle.io import save_checkpoint
+    from dalle.models import clip
+    from dalle.models.config import from_section
 
     params = load_params(repo_root / "params.yaml")
-    config = clip.model_config(params.clip, 64, params.tokenizer.vocab_size,
-                               params.tokenizer.text_len)
+    config = from_section(clip.ClipConfig, params.clip, image_size=64,
+                          vocab_size=params.tokenizer.vocab_size, text_len=params.tokenizer.text_len)
     model = clip.ContrastiveModel(config)
     (tmp_path / "models").mkdir()
-    save_checkpoint(tmp_path / "models" / "clip.safetensors", model.state_dict(), config)
+    save_checkpoint(tmp_path / "models" / "clip.safetensors", model.state_dict(),
+                    clip.clip_config_dict(model))
     build_raw(tmp_path / "raw")
     metrics = dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.use_embeddings=true"])
     overlap = pd.read_parquet(tmp_path / "clean" / "overlap.parquet").set_index("val_key")

@@ -26,8 +26,8 @@ def test_import_openai_gives_identical_outputs(tmp_path, capsys):
                  "-o", str(out), "--image-size", "32"]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
     model = load_dvae(out)
-    assert model.config["n_hid"] == 64 and model.config["n_blk_per_group"] == 1
-    assert model.config["group_count"] == 4 and model.config["n_init"] == 32
+    assert model.config.n_hid == 64 and model.config.n_blk_per_group == 1
+    assert model.config.group_count == 4 and model.config.n_init == 32
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         logits = model.logits(x)

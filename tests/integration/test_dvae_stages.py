@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dalle.config_sections import Paths
+from dalle.catalog import Artefacts
+from dalle.config import load_params
 from dalle.data.reader import load_split
 from dalle.models.dvae import load_dvae
-from stages.collect import main as collect_main
-from stages.encode import main as encode_main
-from stages.tokenizer import main as tokenizer_main
-from stages.train_dvae import main as train_dvae_main
+from tests.helpers import stage_main
+collect_main = stage_main("collect")
+encode_main = stage_main("encode")
+tokenizer_main = stage_main("tokenizer")
+train_dvae_main = stage_main("train_dvae")
 
 TINY = {"data.synthetic.n_images": 48, "data.image_size": 16, "data.shard_size": 1000,
         "tokenizer.vocab_size": 300, "tokenizer.text_len": 24,
@@ -60,7 +62,8 @@ def test_train_dvae_then_encode(world):
             assert npz["text_lengths"].dtype == np.int32 and len(npz["keys"]) == len(tokens)
             assert (text[0, npz["text_lengths"][0]:] == -1).all()
             assert len(npz["captions"]) == len(tokens)
-    val = load_split(Paths(raw=str(tmp / "raw"), clean=str(tmp / "clean")), "val")
+    val = load_split(Artefacts(load_params(repo_root / "params.yaml", overrides=[
+        f"paths.raw={tmp / 'raw'}", f"paths.clean={tmp / 'clean'}"]).paths), "val")
     x = torch.from_numpy(val.images[:4]).permute(0, 3, 1, 2).float() / 255
     with np.load(tmp / "tokens" / "val.npz") as npz:
         assert np.array_equal(model.encode(x).numpy(), npz["image_tokens"][:4].astype(np.int64))

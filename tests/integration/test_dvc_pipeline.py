@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from dalle import pipeline, runs, tracking
+from dalle.catalog import template
 from dalle.config import load_raw
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,11 +76,7 @@ def _ran(output: str) -> list[str]:
 
 
 def _descendants(name: str) -> set[str]:
-    found = {name}
-    for spec in pipeline.STAGES:
-        if set(spec.upstream) & found:
-            found.add(spec.name)
-    return found
+    return pipeline.descendants(name)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +103,11 @@ def test_repro_idempotent_and_param_change_reruns_only_affected(repo) -> None:
     ran = _ran(_run(repo, "dvc", "repro"))
     assert sorted(ran) == sorted(declared)
     for name in ran:  # in DAG order: every upstream stage ran before
-        upstream = set(pipeline.BY_NAME[name].upstream) & set(declared)
+        upstream = set(pipeline.upstream(pipeline.BY_NAME[name])) & set(declared)
         assert upstream <= set(ran[:ran.index(name)]), (name, ran)
     assert json.loads(_run(repo, "dvc", "status", "--json")) == {}
     assert _ran(_run(repo, "dvc", "repro")) == []  # a second repro does nothing
+    _module_change_makes_its_importers_stale(repo)
     stage = next((s for s in KNOB if s in declared), declared[-1])
     key, value = KNOB[stage]
     raw = yaml.safe_load((repo / "params.yaml").read_text())
@@ -128,6 +127,55 @@ def test_repro_idempotent_and_param_change_reruns_only_affected(repo) -> None:
     parents = runs.search_runs("dalle", uri=db)
     assert len(parents) == 2 and all(p.status == "FINISHED" for p in parents)
     assert {r.stage for r in runs.search_runs("dalle", kind="stage", uri=db)} == set(declared)
+
+
+def _module_change_makes_its_importers_stale(repo: Path) -> None:
+    """Editing a library module makes exactly the stages that import it stale (dvc.yaml's code
+    deps), and nothing else; undoing the edit makes the workspace clean again."""
+    module = repo / "src" / "dalle" / "models" / "clip.py"
+    original = module.read_text()
+    importers = {name for name, entry in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items()
+                 if "src/dalle/models/clip.py" in entry["deps"]}
+    module.write_text(original + "\n# an edit\n")
+    try:
+        assert set(json.loads(_run(repo, "dvc", "status", "--json"))) == importers
+    finally:
+        module.write_text(original)
+    assert importers == {"dedup", "train_clip", "generate", "evaluate"}
+    assert json.loads(_run(repo, "dvc", "status", "--json")) == {}
+
+
+def _readme_commands() -> list[str]:
+    """The `dalle ...` lines of the README's every-day block, as a user would paste them."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Every day", 1)[1].split("```", 2)[1]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines()
+            if line.strip().startswith("dalle ")]
+
+
+def test_readme_every_day_commands_on_the_repro_outputs(repo) -> None:
+    """What the README tells a user to type after `make repro` works on what `dvc repro` left:
+    `dalle generate` (plain and primed with an image), `dalle config validate/show`, `dalle runs
+    compare`, and `dvc status` is clean afterwards."""
+    commands = _readme_commands()
+    assert any(c.startswith("dalle generate") for c in commands), commands
+    env_bin = str(VENV_BIN / "dalle")
+    for command in commands:
+        args = shlex.split(command)
+        out = _run(repo, env_bin, *args[1:])
+        if args[1] == "generate":
+            png = repo / args[args.index("-o") + 1]
+            assert png.is_file() and "wrote" in out
+            prime = next((repo / "samples" / "images").glob("*.png"))
+            _run(repo, env_bin, *args[1:-2], "--prime", str(prime), "--prime-rows", "2", "-o", "primed.png")
+            assert (repo / "primed.png").is_file()
+        if args[1:3] == ["config", "validate"]:
+            assert out.strip().splitlines()[-1] == "ok"
+    out = _run(repo, env_bin, "runs", "compare")
+    assert "pipeline" in out and "FINISHED" in out
+    for made in ("out.png", "primed.png"):
+        (repo / made).unlink(missing_ok=True)
+    assert json.loads(_run(repo, "dvc", "status", "--json")) == {}
 
 
 def test_exp_run_and_show(repo) -> None:
@@ -209,9 +257,12 @@ def test_metrics_and_plots_show_and_diff(repo) -> None:
     declared = _declared()
     metrics = json.loads(_run(repo, "dvc", "metrics", "show", "--json"))
     files = {f for rev in metrics.values() for f in (rev.get("data") or {})}
+    art = template()
     for stage in ("train_dvae", "train_prior", "evaluate"):
         if stage in declared:
-            assert any(f.endswith(pipeline.BY_NAME[stage].metrics) for f in files), (stage, files)
+            wanted = [str(o.path).split("}/", 1)[-1] for o in pipeline.BY_NAME[stage].outputs(art)
+                      if o.metric]
+            assert any(f.endswith(w) for f in files for w in wanted), (stage, files)
     first = _run(repo, "git", "rev-list", "--max-parents=0", "HEAD").split()[0]  # before any run
     diff = _json_head(_run(repo, "dvc", "metrics", "diff", first, "--json"))
     assert diff, "dvc metrics diff <first commit> shows nothing"

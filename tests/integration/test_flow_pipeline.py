@@ -1,6 +1,6 @@
-"""flows/pipeline.py under prefect_test_harness, on a workdir with small stand-in stage scripts
-(the real stages are run by test_flow_real_stages.py / the DVC test): DAG order, retries on
-collect, MLflow parent + children, Prefect artifacts, one-line errors for bad input."""
+"""flows/pipeline.py under prefect_test_harness, with small stand-in stages in place of the DAG
+(the real stages run in the DVC test): DAG order, retries on collect, MLflow parent + children,
+Prefect artifacts, `dalle.*` logs in the Prefect run, one-line errors for bad input."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
 from dalle import runs, tracking  # noqa: E402
-from tests.integration.flow_standins import write_standins  # noqa: E402
+from tests.integration.flow_standins import install  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,7 @@ def harness():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    write_standins(tmp_path)
+    install(monkeypatch)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
@@ -71,6 +72,18 @@ def test_flow_runs_dag_with_retry_tracking_and_artifacts(harness, workdir, monke
             resp = await client._client.post("/artifacts/latest/filter", json=body)
             return resp.json()
 
+    async def logs():
+        body = {"logs": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}},
+                "limit": 200, "offset": 0, "sort": "TIMESTAMP_ASC"}
+        async with get_client() as client:
+            return (await client._client.post("/logs/filter", json=body)).json()
+
+    for _ in range(20):  # the log handler ships records in the background
+        messages = [rec["message"] for rec in asyncio.run(logs())]
+        if any("stand-in evaluate ran" in m for m in messages):
+            break
+        time.sleep(0.5)
+    assert any("stand-in collect ran" in m for m in messages), messages  # dalle.* in the UI
     got = asyncio.run(artifacts())
     assert isinstance(got, list), got
     found = {a["key"]: a for a in got}

@@ -11,6 +11,7 @@ import torch
 
 from dalle.config import load_params
 from dalle.io import save_checkpoint
+from tests.helpers import stage_main
 
 SETS = {"data.image_size": 16, "data.synthetic.n_images": 300, "data.shard_size": 150,
         "data.eval_captions": 4, "tokenizer.vocab_size": 128, "dvae.vocab_size": 32,
@@ -34,25 +35,29 @@ def _args(root: Path, repo: Path, extra: dict | None = None) -> list[str]:
 
 
 def _random_dvae_and_prior(args: list[str]) -> None:
+    """Untrained dVAE and prior, written as their stages write them (config in the metadata)."""
+    from dalle.catalog import Artefacts
     from dalle.models import dvae as D
     from dalle.models import transformer as T
+    from dalle.models.config import from_section
     from dalle.runner import parse_stage_args
 
     ns = parse_stage_args("x", args)
     p = load_params(ns.params, None, ns.overrides)
+    art = Artefacts(p.paths)
     torch.manual_seed(0)
-    cfg = D.model_config(p.dvae, p.data.image_size)
-    save_checkpoint(Path(p.paths.models) / "dvae.safetensors", D.DiscreteVAE(cfg).state_dict(), cfg)
-    grid = p.data.image_size // 2 ** (p.dvae.group_count - 1)
-    mcfg = T.model_config(p.prior, p.tokenizer.vocab_size, p.tokenizer.text_len, p.dvae.vocab_size, grid)
-    prior = T.build_prior(p.prior, p.tokenizer.vocab_size, p.tokenizer.text_len, p.dvae.vocab_size, grid)
-    save_checkpoint(Path(p.paths.models) / "prior.safetensors", prior.state_dict(), mcfg)
+    dvae = D.DiscreteVAE(from_section(D.DVAEConfig, p.dvae, image_size=p.data.image_size))
+    save_checkpoint(art.dvae, dvae.state_dict(), D.dvae_config_dict(dvae))
+    prior = T.DalleTransformer(from_section(T.PriorConfig, p.prior, text_vocab=p.tokenizer.vocab_size,
+                                            text_len=p.tokenizer.text_len, image_vocab=p.dvae.vocab_size,
+                                            grid=dvae.config.grid))
+    save_checkpoint(art.prior, prior.state_dict(), T.prior_config_dict(prior))
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, request) -> tuple[Path, Path]:
-    from stages.collect import main as collect
-    from stages.tokenizer import main as tokenizer
+    collect = stage_main("collect")
+    tokenizer = stage_main("tokenizer")
 
     repo = Path(request.config.rootpath)
     root = tmp_path_factory.mktemp("world")
@@ -64,9 +69,9 @@ def world(tmp_path_factory, request) -> tuple[Path, Path]:
 
 
 def test_train_clip_generate_evaluate_end_to_end(world):
-    from stages.evaluate import main as evaluate
-    from stages.generate import main as generate
-    from stages.train_clip import main as train_clip
+    evaluate = stage_main("evaluate")
+    generate = stage_main("generate")
+    train_clip = stage_main("train_clip")
 
     root, repo = world
     args = _args(root, repo)
@@ -97,8 +102,8 @@ def test_train_clip_generate_evaluate_end_to_end(world):
 
 
 def test_bad_input_is_one_line(world, tmp_path, capsys):
-    from stages.evaluate import main as evaluate
-    from stages.generate import main as generate
+    evaluate = stage_main("evaluate")
+    generate = stage_main("generate")
 
     root, repo = world
     with pytest.raises(SystemExit) as exc:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.flow_standins import write_standins
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -72,6 +71,7 @@ def server(tmp_path_factory):
 def _tiny_params(workdir: Path, cron: str) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["schedule"] = {"cron": cron, "timezone": "Europe/Paris", "deployment": DEPLOYMENT}
+    raw["data"]["synthetic"]["n_images"], raw["data"]["shard_size"] = 60, 30
     path = workdir / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -96,11 +96,10 @@ async def _deploy_and_run(timeout: float) -> tuple[object, object]:
 
 
 def test_served_deployment_has_schedule_and_runs(server, tmp_path) -> None:
-    write_standins(tmp_path)
     params = _tiny_params(tmp_path, "*/30 * * * *")
     env = {**server, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--params", str(params),
-                              "--workdir", str(tmp_path)], cwd=REPO, env=env,
+                              "--workdir", str(tmp_path), "--stages", "collect,dedup"], cwd=REPO, env=env,
                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
@@ -113,8 +112,10 @@ def test_served_deployment_has_schedule_and_runs(server, tmp_path) -> None:
     schedules = [s.schedule for s in deployment.schedules]
     assert [(s.cron, s.timezone) for s in schedules] == [("*/30 * * * *", "Europe/Paris")]
     assert deployment.parameters["workdir"] == str(tmp_path)
+    assert deployment.parameters["stages"] == ["collect", "dedup"]
     assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
-    assert (tmp_path / "order.log").read_text().split() == ["collect", "dedup", "evaluate"]
+    assert (tmp_path / "data" / "raw" / "manifest.parquet").is_file()  # the real stages ran there
+    assert (tmp_path / "data" / "clean" / "manifest.parquet").is_file()
 
 
 def test_bad_cron_is_one_line(server, tmp_path) -> None:

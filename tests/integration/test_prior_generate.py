@@ -11,12 +11,18 @@ from PIL import Image
 from dalle.cli import main as cli_main
 from dalle.data.tokenizer import BPETokenizer, build
 from dalle.io import save_checkpoint
-from dalle.models.dvae import DiscreteVAE
-from dalle.models.transformer import DalleTransformer
+from dalle.models.dvae import DiscreteVAE, dvae_config_dict
+from dalle.models.transformer import DalleTransformer, prior_config_dict
+from tests.helpers import dvae_config, prior_config
 
 REPO = Path(__file__).resolve().parents[2]
-DVAE = {"vocab_size": 16, "n_hid": 8, "n_blk_per_group": 1, "group_count": 2, "n_init": 8, "dec_n_hid": 8,
-        "image_size": 16}  # grid 8
+DVAE = dvae_config(vocab_size=16, n_hid=8, group_count=2, n_init=8, dec_n_hid=8, image_size=16)  # grid 8
+
+
+def save_prior(path: Path, **kw) -> None:  # noqa: ANN003
+    prior = DalleTransformer(prior_config(**{"text_len": 6, "image_vocab": 16, "grid": 8, "n_layers": 2,
+                                             "d_model": 16, "n_heads": 2, **kw}))
+    save_checkpoint(path, prior.state_dict(), prior_config_dict(prior))
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +34,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save(m / "tokenizer.json")
     torch.manual_seed(0)
     dvae = DiscreteVAE(DVAE)
-    save_checkpoint(m / "dvae.safetensors", dvae.state_dict(), DVAE)
-    cfg = {"text_vocab": tok.vocab_size, "text_len": 6, "image_vocab": 16, "grid": 8, "n_layers": 2,
-           "d_model": 16, "n_heads": 2, "mlp_ratio": 4, "attention": "sparse", "conv_kernel": 3}
-    prior = DalleTransformer(cfg["text_vocab"], 6, 16, 8, 2, 16, 2, conv_kernel=3)
-    save_checkpoint(m / "prior.safetensors", prior.state_dict(), cfg)
+    save_checkpoint(m / "dvae.safetensors", dvae.state_dict(), dvae_config_dict(dvae))
+    save_prior(m / "prior.safetensors", text_vocab=64)  # the configured size: >= the trained vocab
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "ok.png")
     Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(root / "bad.png")
     return root
 
 
 def gen(root: Path, *args: str) -> int:
-    sets = ["-S", "tracking.enabled=false", "-S", f"paths.models={root / 'models'}", "-S", "tokenizer.text_len=6",
-            "-S", "prior.n_layers=2", "-S", "prior.d_model=16", "-S", "prior.n_heads=2", "-S", "prior.conv_kernel=3"]
+    sets = ["-S", "tracking.enabled=false", "-S", f"paths.models={root / 'models'}"]
     return cli_main(["generate", *args, "--params", str(REPO / "params.yaml"), *sets])
 
 
@@ -72,9 +74,16 @@ def test_bad_input_is_one_line(models: Path, capsys: pytest.CaptureFixture[str],
     assert len(err) == 1 and needle in err[0], err
 
 
-def test_checkpoint_for_another_config_is_one_line(models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("kw,needle", [
+    ({"text_vocab": 10}, "reads 10 text tokens but the tokenizer has"),
+    ({"text_vocab": 64, "grid": 4}, "trained on a 4x4 grid of 16 codes but the dVAE makes 8x8 of 16"),
+    ({"text_vocab": 64, "image_vocab": 32}, "8x8 grid of 32 codes but the dVAE makes 8x8 of 16"),
+])
+def test_prior_that_does_not_fit_the_dvae_or_tokenizer_is_one_line(
+        models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kw: dict, needle: str) -> None:
+    other = tmp_path / "prior.safetensors"
+    save_prior(other, **kw)
     with pytest.raises(SystemExit):
-        cli_main(["generate", "a red circle", "-o", str(models / "x.png"), "--params", str(REPO / "params.yaml"),
-                  "-S", f"paths.models={models / 'models'}", "-S", "tokenizer.text_len=6"])
+        gen(models, "a red circle", "--model", str(other), "-o", str(tmp_path / "x.png"))
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "different config" in err[0] and "conv_kernel is 3" in err[0], err
+    assert len(err) == 1 and needle in err[0], err

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from dalle.catalog import Artefacts
 from dalle.config import load_params
 from dalle.io import load_checkpoint, read_json
 from dalle.tracking import NullTracker
 from dalle.train import prior as prior_mod
-from stages.train_prior import main as stage_main
+from tests.helpers import stage_main
+
+prior_main = stage_main("train_prior")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["tracking.enabled=false", "tokenizer.text_len=6", "tokenizer.vocab_size=40", "dvae.vocab_size=24",
@@ -39,7 +42,8 @@ def params(root: Path, extra: tuple[str, ...] = ()) -> Any:
 
 
 def run(p: Any) -> dict[str, float]:
-    return prior_mod.train_prior(p.prior, p.tokenizer, p.paths, NullTracker(), image_vocab=p.dvae.vocab_size)
+    return prior_mod.train_prior(Artefacts(p.paths), NullTracker(), p.prior, p.tokenizer,
+                                 p.dvae.vocab_size, p.distributed, p.seed)
 
 
 def test_outputs_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,18 +56,18 @@ def test_outputs_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [r["step"] for r in read_json(a / "plots/prior_loss.json")] == [2, 4, 6]
     assert list((a / "models/.prior_samples").glob("*.png"))
 
-    real = prior_mod.Trainer.one_step
+    real = prior_mod.PriorTrainer.step
 
-    def dying(self: Any) -> Any:
-        if self.step == 4:
+    def dying(self: Any, i: int) -> Any:
+        if i == 4:
             raise KeyboardInterrupt  # killed after the step-3 checkpoint
-        return real(self)
+        return real(self, i)
 
-    monkeypatch.setattr(prior_mod.Trainer, "one_step", dying)
+    monkeypatch.setattr(prior_mod.PriorTrainer, "step", dying)
     with pytest.raises(KeyboardInterrupt):
         run(params(b))
     assert (b / "models/prior.ckpt.safetensors").is_file()
-    monkeypatch.setattr(prior_mod.Trainer, "one_step", real)
+    monkeypatch.setattr(prior_mod.PriorTrainer, "step", real)
     run(params(b))
     wa, _, _ = load_checkpoint(a / "models/prior.safetensors")
     wb, _, _ = load_checkpoint(b / "models/prior.safetensors")
@@ -73,7 +77,7 @@ def test_outputs_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def _stage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
-        stage_main(argv)
+        prior_main(argv)
     assert exc.value.code == 1
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1

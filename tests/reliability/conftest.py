@@ -59,5 +59,5 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("reliability_world")
     argv = ["--params", str(write_params(root))]
     for stage in ("collect", "dedup", "tokenizer", "train_dvae", "encode", "train_prior", "train_clip"):
-        importlib.import_module(f"stages.{stage}").main(argv)
+        importlib.import_module(f"stages.{stage}").STAGE.main(argv)
     return root

@@ -89,7 +89,7 @@ def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd:
     count_file.write_text("")
     code = 0
     try:
-        importlib.import_module(module).main(argv)
+        importlib.import_module(module).STAGE.main(argv)
     except SystemExit as exc:
         code = int(exc.code or 0)
     err.flush()

@@ -20,12 +20,12 @@ INJECT_AT = 3  # the 0-based step whose backward pass meets an inf
 def test_inf_gradient_is_skipped_counted_and_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_tokens(tmp_path)
     seen: dict[str, Any] = {}
-    real = prior_mod.Trainer.one_step
+    real = prior_mod.PriorTrainer.step
 
-    def one_step(self: prior_mod.Trainer) -> dict[str, float]:
+    def one_step(self: prior_mod.PriorTrainer, i: int) -> Any:
         seen["trainer"] = self
-        if self.step != INJECT_AT:
-            return real(self)
+        if i != INJECT_AT:
+            return real(self, i)
         mlp = self.model.blocks[1].mlp  # [B, L, D] out; its gradient becomes inf
         def poison(_m: Any, _i: Any, out: torch.Tensor) -> None:
             out.register_hook(lambda g: torch.full_like(g, math.inf))
@@ -33,19 +33,19 @@ def test_inf_gradient_is_skipped_counted_and_backs_off(tmp_path: Path, monkeypat
         handle = mlp.register_forward_hook(poison)
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         try:
-            stats = real(self)
+            out = real(self, i)
         finally:
             handle.remove()
         seen["unchanged"] = all(torch.equal(before[k], v) for k, v in self.model.state_dict().items())
-        seen["stats"] = stats
-        return stats
+        seen["stats"] = out.stats
+        return out
 
-    monkeypatch.setattr(prior_mod.Trainer, "one_step", one_step)
+    monkeypatch.setattr(prior_mod.PriorTrainer, "step", one_step)
     metrics = run(params(tmp_path, ("prior.precision=bf16", "prior.checkpointing=false")))
     trainer = seen["trainer"]
     assert seen["unchanged"], "the weights moved on the step with an inf gradient"
     assert seen["stats"]["skipped_steps"] == 1.0 and metrics["skipped_steps"] == 1.0
-    assert metrics["steps"] == 6 and trainer.step == 6  # training went on to the end
+    assert metrics["steps"] == 6 and trainer.done == 6  # training went on to the end
     init = trainer.cfg.grad_scale_init
     assert [s.scale for s in trainer.scaler.states] == [init, init / 2]  # only block 1 backed off
     assert read_json(tmp_path / "metrics/prior.json")["skipped_steps"] == 1.0

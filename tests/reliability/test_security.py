@@ -10,6 +10,7 @@ import pytest
 
 from dalle.tracking import MlflowTracker, mask_uri
 from tests.reliability.conftest import REPO
+from tests.helpers import stage_main
 
 CODE_DIRS = ("src", "flows", "stages", "scripts", "benchmarks")
 UNPICKLE_OK = {"src/dalle/commands/dvae_cmd.py"}  # `dalle dvae import-openai`, opt-in
@@ -83,7 +84,7 @@ def test_unreachable_prefect_url_is_masked(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_unreachable_mlflow_url_is_masked(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.tokenizer import main
+    main = stage_main("tokenizer")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9")
     with pytest.raises(SystemExit) as exc:

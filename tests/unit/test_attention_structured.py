@@ -15,6 +15,7 @@ from test_masks_prior import brute
 from dalle.models.attention import block_layout, structured_attention
 from dalle.models.transformer import DalleTransformer
 from dalle.train.prior_loop import autocast_for, prior_loss
+from tests.helpers import prior_config
 
 
 def brute_stream(kind: str, t: int, grid: int, k: int) -> torch.Tensor:
@@ -44,9 +45,9 @@ def test_structured_equals_masked_forward_and_gradients(kind: str, grid: int, n:
 
 def pair(grid: int = 4, dropout: float = 0.0) -> tuple[DalleTransformer, DalleTransformer]:
     torch.manual_seed(0)
-    kw = dict(n_layers=5, d_model=32, n_heads=2, conv_kernel=3, dropout=dropout)
-    a = DalleTransformer(40, 6, 24, grid, attention_impl="structured", **kw)  # type: ignore[arg-type]
-    b = DalleTransformer(40, 6, 24, grid, attention_impl="masked", **kw)  # type: ignore[arg-type]
+    kw = dict(grid=grid, n_layers=5, d_model=32, n_heads=2, conv_kernel=3, dropout=dropout)
+    a = DalleTransformer(prior_config(attention_impl="structured", **kw))
+    b = DalleTransformer(prior_config(attention_impl="masked", **kw))
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -72,7 +73,9 @@ def test_model_structured_equals_masked(precision: str) -> None:
 
 def test_auto_picks_blocks_where_they_pay_on_cpu_without_dropout() -> None:
     cpu = torch.device("cpu")
-    small, mid, big = (DalleTransformer(10, 4, 8, g, 3, 16, 2) for g in (8, 16, 32))
+    small, mid, big = (DalleTransformer(prior_config(text_vocab=10, text_len=4, image_vocab=8, grid=g,
+                                                     n_layers=3, d_model=16, n_heads=2, conv_kernel=11))
+                       for g in (8, 16, 32))
     assert not any(small.structured(kind, cpu) for kind in ("row", "column", "conv", "full"))
     assert mid.structured("column", cpu) and not mid.structured("row", cpu) and not mid.structured("conv", cpu)
     assert big.structured("row", cpu) and big.structured("conv", cpu) and not big.structured("full", cpu)
@@ -81,12 +84,13 @@ def test_auto_picks_blocks_where_they_pay_on_cpu_without_dropout() -> None:
     drop, _ = pair(32, dropout=0.1)
     assert not drop.structured("row", cpu) and drop.eval().structured("row", cpu)  # dropout: masked
     with pytest.raises(ValueError, match="attention_impl"):
-        DalleTransformer(10, 4, 8, 8, 3, 16, 2, attention_impl="sparse-ish")
+        prior_config(attention_impl="sparse-ish")
 
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv", "full"])
 def test_decoding_key_tables_are_the_mask_rows(kind: str) -> None:
-    m = DalleTransformer(10, 3, 8, 5, n_layers=1, d_model=8, n_heads=1, conv_kernel=3)
+    m = DalleTransformer(prior_config(text_vocab=10, text_len=3, image_vocab=8, grid=5, n_layers=1,
+                                      d_model=8, n_heads=1, conv_kernel=3))
     table = m.key_table(kind, torch.device("cpu"))
     mask = brute_stream(kind, 3, 5, 3)
     assert len(table) == m.seq_len

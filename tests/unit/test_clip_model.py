@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from dalle.data.dedup import clip_embedder
 from dalle.errors import CheckpointError, DataError
 from dalle.io import save_checkpoint
-from dalle.models.clip import (ContrastiveModel, contrastive_loss, embed_images, image_embeddings,
-                               load_clip, uint8_to_float)
+from dalle.models.clip import ContrastiveModel, clip_config_dict, contrastive_loss, load_clip
+from dalle.pixels import to_float
+from tests.helpers import clip_config
 
-CFG = dict(embed_dim=16, image_width=8, text_width=16, text_layers=1, text_heads=2, image_size=16,
-           vocab_size=40, text_len=8)
+CFG = clip_config()
 
 
 def _batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,24 +83,24 @@ def test_training_matches_pairs_and_learns_the_temperature():
 def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     torch.manual_seed(0)
     model = ContrastiveModel(CFG).eval()
-    path = save_checkpoint(tmp_path / "clip.safetensors", model.state_dict(), CFG)
+    path = save_checkpoint(tmp_path / "clip.safetensors", model.state_dict(), clip_config_dict(model))
     loaded = load_clip(path)
+    assert loaded.config == CFG
     images = (np.random.default_rng(0).random((3, 16, 16, 3)) * 255).astype(np.uint8)
-    want = model.encode_image(uint8_to_float(images)).detach().numpy()
-    assert np.allclose(embed_images(loaded, images), want, atol=1e-5)
-    emb = image_embeddings(path, images)  # the dedup stage's hook (paper §3.2)
-    assert emb.shape == (3, 16) and emb.dtype == np.float32
-    other = ContrastiveModel({**CFG, "image_width": 16})
-    bad = save_checkpoint(tmp_path / "bad.safetensors", other.state_dict(), CFG)
+    want = model.encode_image(to_float(images)).detach().numpy()
+    emb = clip_embedder(path)(images)  # the dedup stage's hook (paper §3.2)
+    assert emb.shape == (3, 16) and emb.dtype == np.float32 and np.allclose(emb, want, atol=1e-5)
+    other = ContrastiveModel(clip_config(image_width=16))
+    bad = save_checkpoint(tmp_path / "bad.safetensors", other.state_dict(), clip_config_dict(model))
     with pytest.raises(CheckpointError, match="does not match the contrastive-model config"):
         load_clip(bad)
     not_clip = save_checkpoint(tmp_path / "x.safetensors", {"w": torch.zeros(1)}, {"n": 1})
-    with pytest.raises(CheckpointError, match="not a contrastive-model checkpoint"):
+    with pytest.raises(CheckpointError, match="stored model config lacks 'embed_dim'"):
         load_clip(not_clip)
 
 
 def test_images_must_be_uint8_rgb():
     with pytest.raises(DataError, match="expected uint8 images"):
-        uint8_to_float(np.zeros((2, 16, 16), np.uint8))
+        to_float(np.zeros((2, 16, 16), np.uint8))
     with pytest.raises(DataError, match="expected uint8 images"):
-        uint8_to_float(np.zeros((2, 16, 16, 3), np.float32))
+        to_float(np.zeros((2, 16, 16, 3), np.float32))

@@ -89,8 +89,45 @@ def test_overrides_and_flatten_and_hash() -> None:
     params = load_params(PARAMS, overrides=["prior.n_layers=8", "data.synthetic.n_images=10"])
     assert params.prior.n_layers == 8 and params.data.synthetic.n_images == 10
     flat = flatten(params)
-    assert flat["prior.n_layers"] == 8 and "data.synthetic.seed" in flat
+    assert flat["prior.n_layers"] == 8 and flat["seed"] == 0
     assert params_hash(params) != params_hash(load_params(PARAMS))
     assert params_hash(load_params(PARAMS)) == params_hash(load_params(PARAMS))
     with pytest.raises(ConfigError, match="must look like"):
         load_params(PARAMS, overrides=["prior.n_layers"])
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaf_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return out
+
+
+def test_params_yaml_is_where_every_default_lives(tmp_path) -> None:
+    """No config class holds a default: each key of params.yaml is required, so removing any one
+    of them is a one-line error naming it, and a preset can only restate keys that exist."""
+    from dalle.config_sections import Params, Section
+
+    def classes(model: type) -> list[type]:
+        found = [model]
+        for field in model.model_fields.values():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+                found += classes(field.annotation)
+        return found
+
+    for cls in classes(Params):
+        defaulted = [n for n, f in cls.model_fields.items() if not f.is_required()]
+        assert not defaulted, f"{cls.__name__} has defaults for {defaulted}"
+    raw = yaml.safe_load(PARAMS.read_text())
+    leaves = _leaf_paths(raw)
+    for dotted in leaves[::7]:  # a spread of keys over every section (all of them: ~1 min)
+        def drop(r: dict, dotted: str = dotted) -> None:
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                r = r[part]
+            del r[leaf]
+        with pytest.raises(ConfigError, match=f"{dotted}: missing required key"):
+            load_params(_write(tmp_path, drop))
+    for preset in sorted((REPO / "presets").glob("*.yaml")):
+        extra = set(_leaf_paths(yaml.safe_load(preset.read_text()))) - set(leaves)
+        assert not extra, f"{preset.name} sets keys params.yaml does not have: {sorted(extra)}"

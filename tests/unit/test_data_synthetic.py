@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dalle.catalog import Artefacts
 from dalle.config import load_params
 from dalle.data import shards
 from dalle.data.synthetic import check_holdout, collect_synthetic, scene
@@ -24,11 +25,11 @@ def _params(repo_root, tmp_path, *sets: str):
 
 def test_scene_is_deterministic_and_any_size(repo_root, tmp_path):
     cfg = _params(repo_root, tmp_path).data.synthetic
-    a, b = scene(cfg, 64, 7), scene(cfg, 64, 7)
+    a, b = scene(cfg, 64, 7, 0), scene(cfg, 64, 7, 0)
     assert a[0] == b[0] and a[1] == b[1] and np.array_equal(np.asarray(a[3]), np.asarray(b[3]))
-    assert scene(cfg, 64, 8)[1] != a[1] or scene(cfg, 64, 8)[0] != a[0]
+    assert scene(cfg, 64, 8, 0)[1] != a[1] or scene(cfg, 64, 8, 0)[0] != a[0]
     for size in (32, 128):
-        big = scene(cfg, size, 7)
+        big = scene(cfg, size, 7, 0)
         assert big[0] == a[0] and np.asarray(big[3]).shape == (size, size, 3)
     img = np.asarray(a[3]).astype(int)  # anti-aliased: edge pixels between bg and fill
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10
@@ -38,7 +39,7 @@ def test_vocabulary_is_covered_and_captions_parse_back(repo_root, tmp_path):
     cfg = _params(repo_root, tmp_path).data.synthetic
     seen: Counter = Counter()
     for i in range(600):
-        spec, text, placed, _ = scene(cfg, 64, i)
+        spec, text, placed, _ = scene(cfg, 64, i, 0)
         parsed = parse_caption(text)
         for want, got in zip(spec["objects"], parsed["objects"]):
             assert (want["colour"], want["shape"], want["size"]) == (got["colour"], got["shape"], got["size"]), text
@@ -60,7 +61,7 @@ def test_vocabulary_is_covered_and_captions_parse_back(repo_root, tmp_path):
 
 def test_collect_holdout_only_in_val_and_eval_captions(repo_root, tmp_path):
     params = _params(repo_root, tmp_path)
-    metrics = collect_synthetic(params.data, params.paths, NullTracker(), workers=1)
+    metrics = collect_synthetic(params.data, Artefacts(params.paths), NullTracker(), 0, workers=1)
     raw = tmp_path / "raw"
     manifest = pd.read_parquet(raw / "manifest.parquet")
     assert len(manifest) == metrics["rows"] == 250 and shards.completed_shards(raw) == {0, 1, 2}

@@ -6,7 +6,7 @@ import pytest
 
 from dalle.data import hamming
 from dalle.data.dedup import clip_embedder, find_duplicates, find_overlap
-from dalle.errors import ConfigError
+from dalle.errors import CheckpointError, ConfigError
 
 
 def _brute_pairs(bits: np.ndarray, radius: int) -> set[tuple[int, int]]:
@@ -104,16 +104,12 @@ def test_cosine_overlap_uses_embeddings():
     assert (table["distance"][:3] < 1e-3).all()
 
 
-def test_embedding_hook_errors_name_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="clip.safetensors does not exist"):
-        clip_embedder(tmp_path)
+def test_embedding_hook_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="clip.safetensors does not exist; train the contrastive"):
+        clip_embedder(tmp_path / "clip.safetensors")
     (tmp_path / "clip.safetensors").write_bytes(b"x")
-    import dalle.models
-
-    monkeypatch.setattr(dalle.models, "clip", None, raising=False)
-    monkeypatch.setitem(__import__("sys").modules, "dalle.models.clip", None)
-    with pytest.raises(ConfigError, match="image_embeddings is not available"):
-        clip_embedder(tmp_path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        clip_embedder(tmp_path / "clip.safetensors")
 
 
 def test_unknown_overlap_method():

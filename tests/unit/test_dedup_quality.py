@@ -1,4 +1,4 @@
-"""Dedup quality on injected near-duplicates (issue 3 §3): recall and precision >= 0.95, printed.
+"""Dedup quality on injected near-duplicates : recall and precision >= 0.95, printed.
 
 Distinct pictures (random shapes on tinted backgrounds) get copies that are cropped (up to 10% of
 each side, anywhere), resized (x0.5..x1.5 and back), JPEG re-encoded (quality 50..95) or
@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from dalle.config_sections import Dedup
+from tests.helpers import section
 from dalle.data.dedup import find_duplicates, find_overlap, hash_image
 from tests.integration.data_server import make_image
 
@@ -55,7 +55,7 @@ def _dataset(n_pictures: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, l
 
 
 def test_near_duplicate_recall_and_precision():
-    cfg = Dedup()
+    cfg = section("dedup", remove_near=True, crop_grid=3, overlap_threshold=8)  # the web-data settings of the presets
     images, groups, kinds = _dataset(160)
     hashed = [hash_image(data, cfg.hash_size, cfg.crop_scale, cfg.crop_grid) for data in images]
     shas, bits = [h[0] for h in hashed], np.stack([h[1] for h in hashed])  # bits [N, K+1, B]

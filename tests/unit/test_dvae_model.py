@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dalle.errors import DataError
-from dalle.models.dvae import (Decoder, DiscreteVAE, Encoder, as_rgb_uint8, logit_laplace_log_prob,
-                               map_pixels, unmap_pixels)
+from dalle.models.dvae import (Decoder, DiscreteVAE, Encoder, logit_laplace_log_prob, map_pixels,
+                               unmap_pixels)
+from dalle.pixels import as_rgb_uint8
+from tests.helpers import dvae_config
 
-SMALL = dict(vocab_size=64, n_hid=16, n_blk_per_group=1, group_count=4, n_init=16, dec_n_hid=16,
-             image_size=32)
+SMALL = dvae_config()
 
 
 def _count(module: torch.nn.Module) -> int:

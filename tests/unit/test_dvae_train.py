@@ -7,17 +7,25 @@ import numpy as np
 import pytest
 import torch
 
-from dalle.config_sections import DVAE, Paths
+from dalle.data.synthetic import collect_synthetic
 from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint
 from dalle.models.dvae import DiscreteVAE
 from dalle.tracking import NullTracker
-from dalle.train.dvae import STATE_FILE, batch_indices, schedules, train_dvae
+from dalle.train.dvae import DVAETrainer, batch_indices, schedules, train_dvae
 from dalle.train.dvae_loss import codebook_usage, elb_terms, gumbel_softmax, kl_to_uniform, usage_kl
+from tests.helpers import art_at, dvae_config, section
 
 TINY = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, dec_n_hid=8,
             steps=6, batch_size=4, lr=1e-3, lr_final=1e-5, tau_frac=0.5, kl_frac=0.5, lr_frac=1.0,
-            ema_decay=0.9, log_every=1, checkpoint_every=2, channels_last=False)
+            ema_decay=0.9, log_every=1, checkpoint_every=2, channels_last=False, kl_max=6.6,
+            usage_weight=0.0)
+ARCH = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=2, n_init=8, dec_n_hid=8,
+            image_size=8)
+
+
+def DVAE(**kw):  # noqa: N802 - the section, from params.yaml with these values
+    return section("dvae", **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +46,7 @@ def test_kl_to_uniform_zero_for_uniform_and_log_k_for_one_hot():
 
 
 def test_elb_gradients_reach_encoder_and_decoder():
-    model = DiscreteVAE({**{k: TINY[k] for k in ("vocab_size", "n_hid", "n_blk_per_group",
-                                                  "group_count", "n_init", "dec_n_hid")},
-                         "image_size": 8})
+    model = DiscreteVAE(dvae_config(**ARCH))
     terms = elb_terms(model, torch.rand(2, 3, 8, 8), tau=1.0, beta=6.6)
     terms.loss.backward()
     assert model.encoder.blocks.input.w.grad.abs().sum() > 0
@@ -49,7 +55,8 @@ def test_elb_gradients_reach_encoder_and_decoder():
 
 
 def test_schedules_follow_paper_shape():
-    cfg = DVAE(**{**TINY, "steps": 1000, "tau_frac": 0.2, "kl_frac": 0.1, "lr_frac": 0.5})
+    cfg = DVAE(**{**TINY, "steps": 1000, "tau_frac": 0.2, "kl_frac": 0.1, "lr_frac": 0.5,
+                  "tau_final": 1 / 16})
     start, end = schedules(cfg, 0), schedules(cfg, 1000)
     assert start["tau"] == 1.0 and start["beta"] == 0.0 and start["lr"] == 1e-3
     assert schedules(cfg, 200)["tau"] == pytest.approx(1 / 16)  # tau 1 -> 1/16
@@ -81,60 +88,55 @@ class _Killer(NullTracker):
                 raise KeyboardInterrupt
 
 
-def _data() -> tuple[np.ndarray, tuple[np.ndarray, list[str]]]:
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), (
-        rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), [])
-
-
-def _paths(root) -> Paths:  # noqa: ANN001
-    return Paths(models=str(root / "models"), metrics=str(root / "metrics"))
+def _world(root):  # noqa: ANN001 - a tiny synthetic world at 8 px (collect only)
+    art = art_at(root)
+    data = section("data", image_size=8, shard_size=40,
+                   synthetic={**section("data").synthetic.model_dump(), "n_images": 40})
+    collect_synthetic(data, art, NullTracker(), seed=0, workers=1)
+    return art
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    train, val = _data()
     cfg = DVAE(**TINY)
-    train_dvae(cfg, _paths(tmp_path / "a"), NullTracker(), 0, train, val)
+    a_art, b_art = _world(tmp_path / "a"), _world(tmp_path / "b")
+    train_dvae(a_art, NullTracker(), cfg, 0)
     killer = _Killer(at=3)
     with pytest.raises(KeyboardInterrupt):
-        train_dvae(cfg, _paths(tmp_path / "b"), killer, 0, train, val)
-    assert (tmp_path / "b" / "models" / STATE_FILE).exists()  # checkpoint at step 2
+        train_dvae(b_art, killer, cfg, 0)
+    assert b_art.dvae_state.exists()  # checkpoint at step 2
     resumed = _Killer(at=None)
-    metrics = train_dvae(cfg, _paths(tmp_path / "b"), resumed, 0, train, val)
+    metrics = train_dvae(b_art, resumed, cfg, 0)
     assert resumed.steps[0] == 3  # continued after the step-2 checkpoint
-    assert not (tmp_path / "b" / "models" / STATE_FILE).exists()
-    a, conf, _ = load_checkpoint(tmp_path / "a" / "models" / "dvae.safetensors")
-    b, _, _ = load_checkpoint(tmp_path / "b" / "models" / "dvae.safetensors")
+    assert not b_art.dvae_state.exists()
+    a, conf, _ = load_checkpoint(a_art.dvae)
+    b, _, _ = load_checkpoint(b_art.dvae)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert next(iter(a)).split(".")[0] in {"encoder", "decoder"} and conf["image_size"] == 8
     assert metrics["val_perplexity"] >= 1 and 0 < metrics["val_codes_used"] <= 1
 
 
 def test_resume_from_other_config_names_the_key(tmp_path):
-    train, val = _data()
+    art = _world(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train_dvae(DVAE(**TINY), _paths(tmp_path), _Killer(at=3), 0, train, val)
+        train_dvae(art, _Killer(at=3), DVAE(**TINY), 0)
     with pytest.raises(CheckpointError, match=r"lr is 0.001 in the checkpoint but 0.002"):
-        train_dvae(DVAE(**{**TINY, "lr": 2e-3}), _paths(tmp_path), NullTracker(), 0, train, val)
+        train_dvae(art, NullTracker(), DVAE(**{**TINY, "lr": 2e-3}), 0)
 
 
-def test_zero_init_logits_starts_every_code_equal(tmp_path):
+def test_zero_init_logits_starts_every_code_equal():
     """Our choice (docs/decisions.md): with the released init one code wins everywhere at step 0
     (the mapped pixels' DC term), the start of the codebook collapse the paper's footnote 4 names."""
-    from dalle.train.dvae import _Trainer
-
     x = torch.rand(4, 3, 8, 8)
     for zero in (True, False):
-        trainer = _Trainer(DVAE(**{**TINY, "zero_init_logits": zero}), 8, 0, tmp_path / "s.safetensors")
+        trainer = DVAETrainer(DVAE(**{**TINY, "zero_init_logits": zero}),
+                              torch.zeros(4, 8, 8, 3, dtype=torch.uint8), 0)
         logits = trainer.model.logits(x)  # [4, K, 4, 4]
         spread = (logits - logits.mean(1, keepdim=True)).abs().max().item()
         assert (spread == 0.0) is zero
 
 
 def test_straight_through_trains_and_reaches_the_encoder():
-    model = DiscreteVAE({**{k: TINY[k] for k in ("vocab_size", "n_hid", "n_blk_per_group",
-                                                  "group_count", "n_init", "dec_n_hid")},
-                         "image_size": 8})
+    model = DiscreteVAE(dvae_config(**ARCH))
     terms = elb_terms(model, torch.rand(2, 3, 8, 8), tau=0.5, beta=1.0, hard=True)
     terms.loss.backward()
     assert model.encoder.blocks.output.conv.w.grad.abs().sum() > 0
@@ -166,9 +168,7 @@ def test_usage_kl_is_zero_for_even_use_and_log_k_for_one_code():
     same[:, 3] = 50.0
     assert usage_kl(same).item() == pytest.approx(math.log(k), rel=1e-4)
     logits = torch.randn(2, k, 4, 4, requires_grad=True)
-    model = DiscreteVAE({**{kk: TINY[kk] for kk in ("vocab_size", "n_hid", "n_blk_per_group",
-                                                     "group_count", "n_init", "dec_n_hid")},
-                         "image_size": 8})
+    model = DiscreteVAE(dvae_config(**ARCH))
     x = torch.rand(2, 3, 8, 8)
     torch.manual_seed(0)
     base = elb_terms(model, x, tau=1.0, beta=1.0).loss

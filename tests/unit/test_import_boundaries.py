@@ -1,4 +1,4 @@
-"""DESIGN.md §2: prefect only in flows/, horovod only in distributed/horovod.py, mlflow only in
+"""Import boundaries (docs/architecture.md): prefect only in flows/, horovod only in distributed/horovod.py, mlflow only in
 tracking.py. Checked on the source text of every Python file of the project."""
 from __future__ import annotations
 

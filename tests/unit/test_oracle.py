@@ -19,7 +19,7 @@ N = 200
 @pytest.fixture(scope="module")
 def scenes():
     cfg = load_params(REPO / "params.yaml", overrides=["data.synthetic.max_objects=3"]).data.synthetic
-    return [scene(cfg, 64, i) for i in range(N)]
+    return [scene(cfg, 64, i, 0) for i in range(N)]
 
 
 def _jpeg(img: Image.Image, quality: int = 50) -> Image.Image:

@@ -6,13 +6,14 @@ import torch
 
 from dalle.models.transformer import DalleTransformer
 from dalle.sample import filter_logits, sample_image_tokens
+from tests.helpers import prior_config
 
 
 @pytest.mark.parametrize("attention,impl", [("sparse", "masked"), ("sparse", "structured"), ("full", "auto")])
 def test_greedy_cached_equals_uncached(attention: str, impl: str) -> None:
     torch.manual_seed(0)
-    m = DalleTransformer(30, 5, 20, 5, n_layers=5, d_model=32, n_heads=2, attention=attention, conv_kernel=3,
-                         attention_impl=impl)
+    m = DalleTransformer(prior_config(text_vocab=30, text_len=5, image_vocab=20, grid=5, n_layers=5,
+                                      n_heads=2, attention=attention, attention_impl=impl))
     ids, lengths = torch.randint(0, 30, (2, 5)), torch.tensor([2, 5])
     a = sample_image_tokens(m, ids, lengths, 2, top_k=1, batch_size=3)
     b = sample_image_tokens(m, ids, lengths, 2, top_k=1, batch_size=4, cached=False)
@@ -26,7 +27,8 @@ def test_greedy_cached_equals_uncached(attention: str, impl: str) -> None:
 @pytest.mark.parametrize("impl", ["masked", "structured"])
 def test_priming_keeps_the_given_rows(impl: str) -> None:
     torch.manual_seed(0)
-    m = DalleTransformer(30, 5, 20, 4, n_layers=2, d_model=16, n_heads=2, conv_kernel=3, attention_impl=impl)
+    m = DalleTransformer(prior_config(text_vocab=30, text_len=5, image_vocab=20, n_layers=2, d_model=16,
+                                      n_heads=2, attention_impl=impl))
     prime = torch.randint(0, 20, (1, 8))  # the first 2 rows of a 4x4 grid
     out = sample_image_tokens(m, torch.zeros(1, 5, dtype=torch.long), torch.tensor([3]), 3,
                               prime_tokens=prime, generator=torch.Generator().manual_seed(0))

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle.config_sections import Distributed
 from dalle.distributed.sharding import (FlatShard, LocalComm, Prefetcher, make_slots, merge_slices,
                                         shard_axis, shard_blocks, split_full)
 from dalle.distributed.strategy import ShardedStrategy
 from dalle.distributed.toy import ToyBlock, ToyConfig, ToyModel, toy_batch, train_toy
+from tests.helpers import section
 
 
 class FakeComm(LocalComm):
@@ -106,7 +106,7 @@ def test_sharded_training_equals_plain_training_in_one_process() -> None:
         opt.step()
         opt.zero_grad()
         ref.append(loss.item())
-    strategy = ShardedStrategy(Distributed())
+    strategy = ShardedStrategy(section("distributed"))
     out = train_toy(cfg, strategy, 3)
     assert out["loss"] == pytest.approx(ref, abs=1e-6)
 
@@ -115,7 +115,7 @@ def test_full_state_dict_has_the_unsharded_names_and_values() -> None:
     cfg = ToyConfig(n_layers=2, d_model=32)
     model = ToyModel(cfg)
     expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    strategy = ShardedStrategy(Distributed())
+    strategy = ShardedStrategy(section("distributed"))
     strategy.wrap(model)
     assert isinstance(strategy.prefetcher, Prefetcher)
     full = strategy.full_state_dict(model)
@@ -128,7 +128,7 @@ def test_ema_lives_on_the_slices_and_gathers_to_full_weights() -> None:
     cfg = ToyConfig(n_layers=1, d_model=16)
     model = ToyModel(cfg)
     expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    strategy = ShardedStrategy(Distributed())
+    strategy = ShardedStrategy(section("distributed"))
     strategy.wrap(model)
     strategy.ema_update(0.5)  # first call copies
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_ema_lives_on_the_slices_and_gathers_to_full_weights() -> None:
     for k, v in expected.items():
         torch.testing.assert_close(ema[k], v + 1.0)
     state = strategy.state_dict()
-    other = ShardedStrategy(Distributed())
+    other = ShardedStrategy(section("distributed"))
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.ema, strategy.ema))
 

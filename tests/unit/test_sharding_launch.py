@@ -8,15 +8,15 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from dalle.config_sections import Distributed
 from dalle.distributed import launch
 from dalle.errors import ConfigError
 from dalle.runner import run_guarded
+from tests.helpers import section
 
 
 def test_command_line_and_interface(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOROVOD_GLOO_IFACE", "eth1")
-    cmd = launch.horovodrun_command(Distributed(num_proc=4, shard_group_size=2, hosts="a:2,b:2"),
+    cmd = launch.horovodrun_command(section("distributed", num_proc=4, shard_group_size=2, hosts="a:2,b:2"),
                                     ["python", "-m", "stages.train_prior"])
     assert cmd[0].endswith("horovodrun")
     assert cmd[1:] == ["-np", "4", "-H", "a:2,b:2", "--gloo", "--network-interface", "eth1",
@@ -24,13 +24,13 @@ def test_command_line_and_interface(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_relaunch_for_one_process_or_under_horovod(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert launch.relaunch_if_needed(Distributed(), "x") is None
+    assert launch.relaunch_if_needed(section("distributed"), "x") is None
     monkeypatch.setenv("HOROVOD_RANK", "0")
-    assert launch.relaunch_if_needed(Distributed(num_proc=2), "x") is None
+    assert launch.relaunch_if_needed(section("distributed", num_proc=2), "x") is None
 
 
 def test_too_few_host_slots_is_one_line_and_exit_1(capsys: pytest.CaptureFixture) -> None:
-    cfg = Distributed(num_proc=4, hosts="a:1,b:2")
+    cfg = section("distributed", num_proc=4, hosts="a:1,b:2")
     with pytest.raises(SystemExit) as exc:
         run_guarded(lambda: launch.horovodrun_command(cfg, ["python"]))
     assert exc.value.code == 1
@@ -41,14 +41,15 @@ def test_too_few_host_slots_is_one_line_and_exit_1(capsys: pytest.CaptureFixture
 
 def test_groups_must_divide() -> None:
     with pytest.raises(ValidationError, match="not a multiple of shard_group_size 2"):
-        Distributed(num_proc=3, shard_group_size=2)
+        section("distributed", num_proc=3, shard_group_size=2)
 
 
 def test_single_process_training_never_imports_horovod() -> None:
-    code = ("import sys; from dalle.config_sections import Distributed; "
+    code = ("import sys; from dalle.config import REPO_ROOT, load_params; "
             "from dalle.distributed.strategy import ShardedStrategy; "
             "from dalle.distributed.toy import ToyConfig, train_toy; "
-            "train_toy(ToyConfig(d_model=16, n_layers=1), ShardedStrategy.from_config(Distributed()), 1); "
+            "cfg = load_params(REPO_ROOT / 'params.yaml').distributed; "
+            "train_toy(ToyConfig(d_model=16, n_layers=1), ShardedStrategy.from_config(cfg), 1); "
             "assert not any(m.startswith('horovod') for m in sys.modules), 'horovod imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -69,7 +70,7 @@ def _rank_device(monkeypatch: pytest.MonkeyPatch, name: str, nccl: bool, local: 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     chosen: list[int] = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    strat = strategy.ShardedStrategy(Distributed())
+    strat = strategy.ShardedStrategy(section("distributed"))
     strat.world = types.SimpleNamespace(rank=local, size=2)  # as if under horovodrun
     try:
         return strat.device(name), chosen
@@ -78,7 +79,7 @@ def _rank_device(monkeypatch: pytest.MonkeyPatch, name: str, nccl: bool, local: 
 
 
 def test_sharded_rank_takes_its_own_gpu_only_with_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 6: cuda:<local rank> per rank when Horovod has NCCL; a Gloo-only build keeps `auto`
+    """cuda:<local rank> per rank when Horovod has NCCL; a Gloo-only build keeps `auto`
     ranks on CPU and refuses an explicit `cuda` in one line; more ranks than GPUs is an error."""
     dev, chosen = _rank_device(monkeypatch, "auto", nccl=True, local=1, gpus=2)
     assert str(dev) == "cuda:1" and chosen == [1]

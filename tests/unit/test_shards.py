@@ -58,7 +58,7 @@ def test_rewrite_is_byte_identical_and_finalize_concatenates(tmp_path):
     assert shards.completed_shards(tmp_path) == {0}
     shards.write_shard(tmp_path, 1, _samples()[2:], split)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
-    manifest = shards.finalize(tmp_path)
+    manifest = shards.finalize(tmp_path, tmp_path / "manifest.parquet")
     assert list(manifest["key"]) == ["00000", "00001", "00002", "00009"]
     assert list(manifest["shard"]) == [0, 0, 1, 1]
     assert shards.completed_shards(tmp_path) == {0, 1}  # manifest.parquet is not a shard
@@ -73,13 +73,13 @@ def test_duplicate_or_unsafe_keys_refused(tmp_path):
 
 
 def test_split_fn_is_deterministic_and_near_fraction():
-    cfg = SimpleNamespace(seed=3, val_fraction=0.2)
-    fn = shards.split_fn(cfg)
+    cfg = SimpleNamespace(val_fraction=0.2)
+    fn = shards.split_fn(cfg, 3)
     keys = [f"{i:09d}" for i in range(5000)]
     splits = [fn(k) for k in keys]
-    assert splits == [shards.split_fn(cfg)(k) for k in keys]
+    assert splits == [shards.split_fn(cfg, 3)(k) for k in keys]
     assert 0.18 < splits.count("val") / len(keys) < 0.22
-    assert splits != [shards.split_fn(SimpleNamespace(seed=4, val_fraction=0.2))(k) for k in keys]
+    assert splits != [shards.split_fn(cfg, 4)(k) for k in keys]
 
 
 def _tar_with(path, info: tarfile.TarInfo, data: bytes = b"x") -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ from PIL import Image
 from dalle.data import shards
 from dalle.data.reader import eval_captions, load_split
 from dalle.errors import DataError
+from tests.helpers import art_at
 
 
 def _png(value: int) -> bytes:
@@ -23,12 +23,13 @@ def _png(value: int) -> bytes:
 
 @pytest.fixture
 def paths(tmp_path):
-    raw = tmp_path / "raw"
+    art = art_at(tmp_path)
+    raw = art.raw
     samples = [shards.Sample(key=f"k{i}", caption=f"c{i}", image_bytes=_png(10 * i), meta={"i": i})
                for i in range(4)]
     shards.write_shard(raw, 0, samples, lambda k: "val" if k == "k3" else "train")
-    shards.finalize(raw)
-    return SimpleNamespace(raw=str(raw), clean=str(tmp_path / "clean"))
+    shards.finalize(raw, art.raw_manifest)
+    return art
 
 
 def test_raw_fallback_warns_and_reads_images(paths, caplog):
@@ -42,10 +43,10 @@ def test_raw_fallback_warns_and_reads_images(paths, caplog):
 
 
 def test_clean_manifest_drops_duplicates(paths, tmp_path):
-    clean = pd.read_parquet(tmp_path / "raw" / "manifest.parquet")
+    clean = pd.read_parquet(paths.raw_manifest)
     clean["dup_of"] = [None, "k0", None, None]
-    (tmp_path / "clean").mkdir()
-    clean.to_parquet(tmp_path / "clean" / "manifest.parquet")
+    paths.clean.mkdir(parents=True)
+    clean.to_parquet(paths.clean_manifest)
     assert load_split(paths, "train").keys == ["k0", "k2"]
 
 
@@ -54,8 +55,8 @@ def test_errors_are_one_line(paths, tmp_path):
         load_split(paths, "test")
     with pytest.raises(DataError, match="eval_captions.parquet does not exist"):
         eval_captions(paths)
-    (tmp_path / "raw" / "00000.tar").unlink()
+    (paths.raw / "00000.tar").unlink()
     with pytest.raises(DataError, match="00000.tar is missing"):
         load_split(paths, "train")
     with pytest.raises(DataError, match="run the collect stage"):
-        load_split(SimpleNamespace(raw=str(tmp_path / "nope"), clean=str(tmp_path / "nope2")), "val")
+        load_split(art_at(tmp_path / "nope"), "val")

@@ -53,8 +53,10 @@ def test_default_uri_precedence(monkeypatch) -> None:
 
 
 def test_disabled_or_nonzero_rank_is_null(tmp_path, monkeypatch) -> None:
+    from dalle.stage import tracked
+
     monkeypatch.chdir(tmp_path)
-    with tracking.stage_run("s", _params(**{"tracking.enabled": "false"})) as t:
+    with tracked("s", _params(**{"tracking.enabled": "false"})) as t:
         assert not t.enabled
         t.log_metrics({"loss": 2.0, "lr": 0.1}, step=2)
         t.log_metrics({"loss": 1.0}, step=4)
@@ -97,16 +99,16 @@ def test_register_and_fetch_model(uri, tmp_path, monkeypatch) -> None:
         with tracking.stage_run("train_prior", params) as t:
             versions.append(t.register_model("unit-prior", files, "prior", good=good))
     assert versions == ["1", "2"]
-    good = tracking.fetch_model("models:/unit-prior@good", tmp_path / "a")
+    good = runs.fetch_model("models:/unit-prior@good", tmp_path / "a")
     assert (good / "prior.safetensors").read_text() == "v0"  # the alias skips the bad version
     for ref in ("models:/unit-prior@latest", "models:/unit-prior/latest", "models:/unit-prior/2"):
-        assert (tracking.fetch_model(ref, tmp_path / ref[-6:]) / "prior.json").read_text() == "v1"
+        assert (runs.fetch_model(ref, tmp_path / ref[-6:]) / "prior.json").read_text() == "v1"
     with pytest.raises(tracking.TrackingError, match="not in the registry"):
-        tracking.fetch_model("models:/nope@good")
+        runs.fetch_model("models:/nope@good")
     with pytest.raises(tracking.TrackingError, match="does not exist"):
         with tracking.stage_run("train_prior", params) as t:
             t.register_model("unit-prior", [tmp_path / "missing.safetensors"])
-    assert tracking.fetch_model(str(tmp_path)) == tmp_path
+    assert runs.fetch_model(str(tmp_path)) == tmp_path
 
 
 def _free_port() -> int:
@@ -125,7 +127,8 @@ def test_unreachable_server_is_one_line_and_fast(monkeypatch) -> None:
 
 
 def test_stage_entry_point_with_dead_server_exits_1(tmp_path) -> None:
-    script = "from dalle.runner import stage_main; stage_main('probe', lambda p, t: {})"
+    script = ("from dalle.stage import Out, StageSpec; StageSpec('probe', lambda art, t: {}, (), "
+              "lambda a: (), lambda a: (), 'a probe').main()")
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", script, "--params", str(REPO / "params.yaml")],
                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)

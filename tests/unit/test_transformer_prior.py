@@ -6,15 +6,18 @@ from pathlib import Path
 import torch
 
 from dalle.config import load_params
-from dalle.models.transformer import DalleTransformer, build_prior, count_parameters
-from dalle.train.prior_loop import lr_at, make_optimizer, param_groups, prior_loss
+from dalle.models.config import from_section
+from dalle.models.transformer import DalleTransformer, PriorConfig, count_parameters
+from dalle.train.common import param_groups
+from dalle.train.prior_loop import lr_at, make_optimizer, prior_loss
+from tests.helpers import prior_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(attention: str = "sparse") -> DalleTransformer:
     torch.manual_seed(0)
-    return DalleTransformer(40, 6, 24, 4, n_layers=4, d_model=32, n_heads=4, attention=attention, conv_kernel=3)
+    return DalleTransformer(prior_config(n_layers=4, attention=attention))
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +71,8 @@ def test_loss_weights_and_gradients() -> None:
 def test_weight_decay_groups_and_schedule() -> None:
     m = tiny()
     decay, no_decay = param_groups(m, 0.045)
-    assert all(p.dim() == 2 for p in decay["params"])
+    linear = {id(mod.weight) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear  # the one rule = Linear weights in the prior
     ids = {id(p) for p in no_decay["params"]}
     assert id(m.text_emb.weight) in ids and id(m.blocks[0].ln1.weight) in ids and id(m.head.bias) in ids
     cfg = load_params(REPO / "params.yaml").prior
@@ -80,8 +84,10 @@ def test_weight_decay_groups_and_schedule() -> None:
 
 def test_paper_preset_is_12_billion_on_meta() -> None:
     p = load_params(REPO / "params.yaml", "paper-12b")
+    config = from_section(PriorConfig, p.prior, text_vocab=p.tokenizer.vocab_size,
+                          text_len=p.tokenizer.text_len, image_vocab=p.dvae.vocab_size, grid=32)
     with torch.device("meta"):
-        m = build_prior(p.prior, p.tokenizer.vocab_size, p.tokenizer.text_len, p.dvae.vocab_size, 32)
+        m = DalleTransformer(config)
     total, blocks = count_parameters(m)
     print(f"paper-12b: total {total / 1e9:.3f}B, non-embedding (resblocks) {blocks / 1e9:.3f}B")
     assert abs(blocks - 12.0e9) <= 0.1e9  # paper Table 1: 12 * 64 * d² counted, embeddings excluded

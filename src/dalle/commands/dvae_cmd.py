@@ -1,4 +1,4 @@
-"""`dalle dvae import-openai ENCODER.pkl DECODER.pkl -o models/dvae.safetensors`.
+"""`dalle dvae import-openai ENCODER.pkl DECODER.pkl [-o OUT]` (default: the pipeline's dVAE).
 
 Converts OpenAI's released `encoder.pkl`/`decoder.pkl` (whole `dall_e` modules saved with
 torch.save) into our safetensors checkpoint. This UNPICKLES the two files, which runs code they
@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from dalle.catalog import Artefacts, config_json
+from dalle.commands.config_cmd import add_params_args
+from dalle.config import load_params
 from dalle.errors import CheckpointError
-from dalle.models.dvae import DiscreteVAE
+from dalle.models.dvae import DiscreteVAE, DVAEConfig
 from dalle.train.dvae_eval import save_dvae
 
 log = logging.getLogger("dalle.dvae")
@@ -42,14 +45,17 @@ def _unpickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def infer_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor],
-                 image_size: int) -> dict[str, Any]:
+                 image_size: int) -> DVAEConfig:
     """Architecture from the released tensors' shapes (keys as in dall_e)."""
     groups = {int(m.group(1)) for k in enc if (m := re.match(r"blocks\.group_(\d+)\.", k))}
     blocks = {int(m.group(1)) for k in enc if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
-    return {"vocab_size": int(enc["blocks.output.conv.w"].shape[0]),
-            "n_hid": int(enc["blocks.input.w"].shape[0]), "n_blk_per_group": len(blocks),
-            "group_count": len(groups), "n_init": int(dec["blocks.input.w"].shape[0]),
-            "dec_n_hid": int(dec["blocks.output.conv.w"].shape[1]), "image_size": image_size}
+    try:
+        return DVAEConfig(vocab_size=int(enc["blocks.output.conv.w"].shape[0]),
+                          n_hid=int(enc["blocks.input.w"].shape[0]), n_blk_per_group=len(blocks),
+                          group_count=len(groups), n_init=int(dec["blocks.input.w"].shape[0]),
+                          dec_n_hid=int(dec["blocks.output.conv.w"].shape[1]), image_size=image_size)
+    except ValueError as exc:
+        raise CheckpointError(f"the released weights do not fit --image-size {image_size}: {exc}") from None
 
 
 def import_openai(encoder_pkl: Path, decoder_pkl: Path, out: Path, image_size: int = 256) -> Path:
@@ -65,11 +71,12 @@ def import_openai(encoder_pkl: Path, decoder_pkl: Path, out: Path, image_size: i
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    out = Path(args.output) if args.output else Artefacts(
+        load_params(args.params, args.preset, args.overrides).paths).dvae
     if out.suffix != ".safetensors":
         raise CheckpointError(f"output must end in .safetensors, got {out}")
     import_openai(Path(args.encoder), Path(args.decoder), out, args.image_size)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    print(f"wrote {out} and {config_json(out)}")
     return 0
 
 
@@ -81,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "decoder.pkl (UNPICKLES them; needs the dall-e package)")
     imp.add_argument("encoder", help="encoder.pkl from OpenAI's dall_e release")
     imp.add_argument("decoder", help="decoder.pkl from OpenAI's dall_e release")
-    imp.add_argument("-o", "--output", default="models/dvae.safetensors")
+    imp.add_argument("-o", "--output", default=None,
+                     help="a .safetensors file (default: the dVAE of the params' paths.models)")
+    add_params_args(imp)
     imp.add_argument("--image-size", type=int, default=256, help="training image size (paper: 256)")
     imp.set_defaults(func=_run)

@@ -3,17 +3,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from dalle.catalog import Artefacts
 from dalle.commands.config_cmd import add_params_args
 from dalle.config import load_params
-from dalle.errors import CheckpointError, ConfigError, DataError
-from dalle.io import atomic_path, check_config, load_checkpoint
-from dalle.models.transformer import DalleTransformer, from_config
+from dalle.data.tokenizer import UNK, BPETokenizer
+from dalle.errors import ConfigError, DataError
+from dalle.generate import load_sampler
+from dalle.models.dvae import DiscreteVAE
+from dalle.pixels import grid, save_png, to_uint8
+from dalle.rerank import cli_rerank_fn
+from dalle.runs import fetch_model
+from dalle.sample import sample_image_tokens
 
 log = logging.getLogger(__name__)
 RerankFn = Callable[[list[str], torch.Tensor], torch.Tensor]  # (captions, images [B,3,H,W]) -> order
@@ -24,12 +30,10 @@ def identity_rerank(captions: list[str], images: torch.Tensor) -> torch.Tensor:
     return torch.arange(images.shape[0])
 
 
-def encode_prompt(tokenizer: Any, prompt: str, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(tokenizer: BPETokenizer, prompt: str, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids [1, T] (pad -1), lengths [1]; empty / unknown-only prompts are one-line errors."""
     if not prompt.strip():
         raise ConfigError("the prompt is empty; pass a caption, e.g. dalle generate \"a red circle\"")
-    from dalle.data.tokenizer import UNK
-
     ids = tokenizer.encode([prompt])[0]
     unk = tokenizer._det.token_to_id(UNK)
     if not ids or (unk is not None and unk in ids):
@@ -40,28 +44,9 @@ def encode_prompt(tokenizer: Any, prompt: str, text_len: int) -> tuple[torch.Ten
     return tokenizer.encode_padded([prompt], text_len)
 
 
-def load_prior(path: Path, params: Any, tokenizer_vocab: int, dvae: Any) -> DalleTransformer:
-    """The EMA prior; its config must agree with params, the tokenizer and the dVAE (one line)."""
-    weights, cfg, _ = load_checkpoint(path)
-    arch = ("n_layers", "d_model", "n_heads", "mlp_ratio", "attention", "conv_kernel")
-    check_config(path, {k: cfg.get(k) for k in arch}, {k: getattr(params.prior, k) for k in arch})
-    grid = dvae.config["image_size"] // dvae.downsample
-    expect = {"text_vocab": tokenizer_vocab, "text_len": params.tokenizer.text_len,
-              "image_vocab": dvae.vocab_size, "grid": grid}
-    check_config(path, {k: cfg.get(k) for k in expect}, expect)
-    model = from_config(cfg)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the prior: key {(missing or unexpected)[0]} is "
-                              f"{'missing' if missing else 'unexpected'}")
-    return model.eval()
-
-
-def prime_tokens(path: str, rows: int, dvae: Any) -> torch.Tensor:
+def prime_tokens(path: str, rows: int, dvae: DiscreteVAE) -> torch.Tensor:
     """The first `rows` grid rows of an image's dVAE tokens (paper §3.3), [1, rows * grid]."""
-    from PIL import Image, UnidentifiedImageError
-
-    size, grid = dvae.config["image_size"], dvae.config["image_size"] // dvae.downsample
+    size, side = dvae.config.image_size, dvae.config.grid
     try:
         with Image.open(path) as im:
             img = np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only
@@ -69,57 +54,43 @@ def prime_tokens(path: str, rows: int, dvae: Any) -> torch.Tensor:
         raise DataError(f"cannot read prime image {path}: {exc}") from None
     if img.shape[:2] != (size, size):
         raise DataError(f"prime image {path} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}")
-    if not 0 < rows < grid:
-        raise ConfigError(f"--prime-rows {rows} must be between 1 and {grid - 1} (grid is {grid})")
+    if not 0 < rows < side:
+        raise ConfigError(f"--prime-rows {rows} must be between 1 and {side - 1} (grid is {side})")
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
-    return dvae.encode(x)[:, :rows * grid]
+    return dvae.encode(x)[:, :rows * side]
 
 
-def _default_rerank(params) -> RerankFn:
+def _default_rerank(params, art: Artefacts) -> RerankFn:
     """The configured contrastive reranker (paper §2.6) when one exists, else sampling order."""
-    have_ours = (Path(params.paths.models) / "clip.safetensors").is_file()
-    if not (have_ours or params.rerank.clip_checkpoint):
-        log.warning("no reranker (models/clip.safetensors); keeping candidates in sampling order")
+    if not (art.clip.is_file() or params.rerank.clip_checkpoint):
+        log.warning("no reranker (%s); keeping candidates in sampling order", art.clip)
         return identity_rerank
-    from dalle.rerank import cli_rerank_fn
-
-    return cli_rerank_fn(params.rerank, params.paths, params.tokenizer)
+    return cli_rerank_fn(params.rerank, art)
 
 
 def generate(args: argparse.Namespace, rerank_fn: RerankFn = identity_rerank) -> int:
-    from dalle.data.tokenizer import BPETokenizer
-    from dalle.models.dvae import load_dvae
-    from dalle.sample import sample_image_tokens
-    from dalle.train.prior_samples import image_grid
-
     if args.candidates < 1 or not 0 < (args.keep or args.candidates) <= args.candidates:
         raise ConfigError(f"--keep {args.keep} must be between 1 and --candidates {args.candidates}")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ConfigError(f"need --temperature > 0 (got {args.temperature}), 0 < --top-p <= 1 "
                           f"(got {args.top_p}), --top-k >= 0 (got {args.top_k})")
     params = load_params(args.params, args.preset, args.overrides)
-    models = Path(params.paths.models)
-    tok = BPETokenizer.load(models / "tokenizer.json", dropout=0.0)
-    ids, lengths = encode_prompt(tok, args.prompt, params.tokenizer.text_len)
-    dvae = load_dvae(models / "dvae.safetensors")
-    prior_path = models / "prior.safetensors"
-    if args.model:  # models:/dalle-prior@good, runs:/ID/model or a local dir/file (issue 8)
-        from dalle.tracking import fetch_model
-
+    art = Artefacts(params.paths)
+    prior_path = None
+    if args.model:  # models:/dalle-prior@good, runs:/ID/model or a local dir/file
         fetched = fetch_model(args.model)
-        prior_path = fetched / "prior.safetensors" if fetched.is_dir() else fetched
-    prior = load_prior(prior_path, params, tok.vocab_size, dvae)
-    prime = prime_tokens(args.prime, args.prime_rows, dvae) if args.prime else None
+        prior_path = fetched / art.prior.name if fetched.is_dir() else fetched
+    models = load_sampler(art, prior_path)
+    ids, lengths = encode_prompt(models.tokenizer, args.prompt, models.prior.text_len)
+    prime = prime_tokens(args.prime, args.prime_rows, models.dvae) if args.prime else None
     gen = torch.Generator().manual_seed(args.seed)
-    tokens = sample_image_tokens(prior, ids, lengths, args.candidates, args.temperature, args.top_k, args.top_p,
-                                 args.batch_size, gen, prime_tokens=prime, progress=True)
-    images = dvae.decode(tokens).float()  # [N, 3, H, W]
+    tokens = sample_image_tokens(models.prior, ids, lengths, args.candidates, args.temperature, args.top_k,
+                                 args.top_p, args.batch_size, gen, prime_tokens=prime, progress=True)
+    images = models.dvae.decode(tokens).float()  # [N, 3, H, W]
     if rerank_fn is identity_rerank:
-        rerank_fn = _default_rerank(params)
+        rerank_fn = _default_rerank(params, art)
     pick = rerank_fn([args.prompt] * len(images), images)[: args.keep or args.candidates]
-    grid = image_grid(images[pick], cols=min(len(pick), 8))
-    with atomic_path(args.output) as tmp:
-        grid.save(tmp, format="PNG")
+    save_png(grid(to_uint8(images[pick]), cols=min(len(pick), 8)), args.output)
     print(f"wrote {args.output} ({len(pick)} of {args.candidates} candidates)")
     return 0
 

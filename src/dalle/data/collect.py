@@ -1,67 +1,79 @@
 """The `collect` stage: dispatch on `data.source`, then write eval captions and metrics.
 
-Sources: synthetic (`dalle.data.synthetic`), url_list, folder, webdataset (the real-data
-modules, imported lazily). Every source writes img2dataset-layout shards into `paths.raw`
-through `dalle.data.shards`; this function adds `eval_captions.parquet` for the real sources
-(a deterministic sample of val captions, combo "val") and `metrics/collect.json`.
+Sources: synthetic (`dalle.data.synthetic`), url_list, folder, webdataset. Every source writes
+img2dataset-layout shards into the raw directory through `dalle.data.shards`; this function adds
+the evaluation captions for the real sources (a deterministic sample of val captions, combo "val")
+and the stage's metrics.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from dalle.config_sections import Data, Paths
+from dalle.catalog import Artefacts
+from dalle.config_sections import Data
 from dalle.data import shards
+from dalle.data.folder import collect_folder
+from dalle.data.synthetic import collect_synthetic
+from dalle.data.url_list import collect_urls
+from dalle.data.webdataset_source import collect_webdataset
 from dalle.errors import ConfigError, DataError
 from dalle.io import atomic_path, write_json
+from dalle.stage import Out, StageSpec
 
-SOURCES: dict[str, tuple[str, str]] = {
-    "synthetic": ("dalle.data.synthetic", "collect_synthetic"),
-    "url_list": ("dalle.data.url_list", "collect_urls"),
-    "folder": ("dalle.data.folder", "collect_folder"),
-    "webdataset": ("dalle.data.webdataset_source", "collect_webdataset"),
+SourceFn = Callable[[Data, Artefacts, Any, int], dict[str, Any]]
+SOURCES: dict[str, SourceFn] = {
+    "synthetic": collect_synthetic,
+    "url_list": collect_urls,
+    "folder": collect_folder,
+    "webdataset": collect_webdataset,
 }
 
 
-def source_fn(source: str) -> Callable[..., dict[str, Any]]:
+def source_fn(source: str) -> SourceFn:
     if source not in SOURCES:
         raise ConfigError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
-    module, name = SOURCES[source]
-    return getattr(importlib.import_module(module), name)
+    return SOURCES[source]
 
 
-def write_val_captions(raw: Path, manifest: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """eval_captions.parquet for real data: up to n val captions (combo "val", no spec)."""
+def write_val_captions(path: Path, manifest: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Evaluation captions for real data: up to n val captions (combo "val", no spec)."""
     val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
     order = sorted(val["key"], key=lambda k: shards.key_fraction(k, seed + 1))[:n]
     picked = val.set_index("key").loc[order]
     frame = pd.DataFrame({"caption_id": [f"val-{k}" for k in order],
                           "caption": list(picked["caption"]), "combo": "val",
                           "spec": [None] * len(order)}).astype("string")
-    with atomic_path(raw / "eval_captions.parquet") as tmp:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
 
 
-def collect(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]:
-    """Run the configured source into `paths.raw`; returns and writes the collect metrics."""
-    fn = source_fn(data_cfg.source)
-    metrics = dict(fn(data_cfg, paths, tracker), source=data_cfg.source)
-    raw = Path(paths.raw)
-    manifest = pd.read_parquet(raw / "manifest.parquet")
+def collect(art: Artefacts, tracker: Any, data: Data, seed: int) -> dict[str, Any]:
+    """Run the configured source into the raw directory; returns and writes the metrics."""
+    metrics = dict(source_fn(data.source)(data, art, tracker, seed), source=data.source)
+    manifest = pd.read_parquet(art.raw_manifest)
     if not (manifest["status"] == "ok").any():
-        raise DataError(f"data.source {data_cfg.source}: no usable images were collected")
-    if data_cfg.source != "synthetic":
-        evals = write_val_captions(raw, manifest, data_cfg.eval_captions, data_cfg.seed)
+        raise DataError(f"data.source {data.source}: no usable images were collected")
+    if data.source != "synthetic":
+        evals = write_val_captions(art.eval_captions, manifest, data.eval_captions, seed)
         metrics["eval_captions_val"] = len(evals)
     counts = manifest.loc[manifest["status"] == "ok", "split"].value_counts()
     metrics.update(train=int(counts.get("train", 0)), val=int(counts.get("val", 0)))
-    write_json(Path(paths.metrics) / "collect.json", metrics)
+    write_json(art.metrics("collect"), metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
     tracker.log_dict(json.loads(json.dumps(metrics)), "collect_metrics.json")
     return metrics
+
+
+STAGE = StageSpec(
+    name="collect", fn=collect, params=("data", "seed"),
+    inputs=lambda a: (),
+    outputs=lambda a: (Out(a.raw), Out(a.metrics("collect"), metric=True)),
+    summary="renders the synthetic captioned world (default), or downloads a URL list, or ingests "
+            "a folder/COCO or webdataset shards into img2dataset-style shards + manifest",
+)

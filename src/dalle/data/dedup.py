@@ -10,13 +10,12 @@
    by comparing all pairs.
 3. Val images are NOT removed for resembling train images: as in the paper, every val image gets
    its closest train image and the distance, and those within the overlap threshold are flagged in
-   `overlap.parquet`, so evaluation can report metrics with and without them (paper fig. 9).
+   the overlap table, so evaluation can report metrics with and without them (paper fig. 9).
    `find_overlap` takes hashes (hamming) or float embeddings (cosine) alike; with
    `dedup.use_embeddings` the contrastive model's image embeddings are used, as the paper does.
 
-Outputs: `paths.clean/manifest.parquet` (ok rows + `dup_of`, `dup_kind`),
-`paths.clean/overlap.parquet` (val_key, train_key, distance, method, overlap) and
-`paths.metrics/dedup.json`.
+Outputs (dalle.catalog): the clean manifest (ok rows + `dup_of`, `dup_kind`), the overlap table
+(val_key, train_key, distance, method, overlap) and the stage's metrics.
 """
 from __future__ import annotations
 
@@ -31,14 +30,20 @@ from typing import Any, Callable, Optional, Sequence
 import imagehash
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle.config_sections import Dedup, Paths
+from dalle.catalog import Artefacts
+from dalle.config_sections import Dedup
 from dalle.data import hamming
 from dalle.data.images import decode_rgb, pixel_sha256, to_rgb
+from dalle.data.shards import iter_tar, shard_file
 from dalle.errors import ConfigError, DataError
 from dalle.io import atomic_path, write_json
+from dalle.models.clip import load_clip
+from dalle.pixels import to_float
+from dalle.stage import Out, StageSpec
 
 log = logging.getLogger(__name__)
 OVERLAP_COLUMNS = ["val_key", "train_key", "distance", "method", "overlap"]
@@ -77,8 +82,6 @@ def hash_image(data: bytes, hash_size: int, crop_scale: float = 1.0, crop_grid: 
 
 
 def _hash_shard(args: tuple[str, frozenset, Dedup]) -> list[tuple[str, str, np.ndarray]]:
-    from dalle.data.shards import iter_tar
-
     tar_path, wanted, cfg = args
     out = []
     for key, _ext, image_bytes, _caption, _meta in iter_tar(tar_path):
@@ -92,7 +95,7 @@ def _hash_shard(args: tuple[str, frozenset, Dedup]) -> list[tuple[str, str, np.n
 def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, workers: int = 2
              ) -> tuple[list[str], np.ndarray]:
     """Hash the ok rows of each raw shard -> (pixel sha256 per row, bits [N, K+1, B])."""
-    jobs = [(str(raw_dir / f"{int(shard):05d}.tar"), frozenset(group["key"]), cfg)
+    jobs = [(str(shard_file(raw_dir, int(shard), ".tar")), frozenset(group["key"]), cfg)
             for shard, group in ok.groupby("shard", sort=True)]
     found: dict[str, tuple[str, np.ndarray]] = {}
     bar = tqdm(total=len(ok), desc="dedup: hashing", unit="img")
@@ -107,7 +110,7 @@ def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, workers: int = 2
     bar.close()
     missing = [k for k in ok["key"] if k not in found]
     if missing:
-        raise DataError(f"{len(missing)} ok rows of {raw_dir}/manifest.parquet have no image in "
+        raise DataError(f"{len(missing)} ok rows of the raw manifest have no image in "
                         f"their shard (first: {missing[0]!r}); rerun collect")
     shas = [found[k][0] for k in ok["key"]]
     bits = np.stack([found[k][1] for k in ok["key"]])
@@ -117,8 +120,6 @@ def hash_raw(raw_dir: Path, ok: pd.DataFrame, cfg: Dedup, workers: int = 2
 def embed_raw(raw_dir: Path, rows: pd.DataFrame, embed: Callable[[np.ndarray], np.ndarray],
               batch: int = 512) -> np.ndarray:
     """Embeddings [N, D] of `rows` (key, shard), in row order, streamed shard by shard."""
-    from dalle.data.shards import iter_tar
-
     position = {k: i for i, k in enumerate(rows["key"])}
     out: list[Any] = [None] * len(rows)
     keys: list[str] = []
@@ -131,7 +132,7 @@ def embed_raw(raw_dir: Path, rows: pd.DataFrame, embed: Callable[[np.ndarray], n
             keys.clear(), images.clear()
 
     for shard in sorted(rows["shard"].unique()):
-        for key, _ext, data, _caption, _meta in iter_tar(raw_dir / f"{int(shard):05d}.tar"):
+        for key, _ext, data, _caption, _meta in iter_tar(shard_file(raw_dir, int(shard), ".tar")):
             if key in position and data is not None:
                 keys.append(key), images.append(decode_rgb(data))
                 if len(images) >= batch:
@@ -260,33 +261,23 @@ def _nearest_cosine(val: np.ndarray, train: np.ndarray, block: int = 1024
     return idx, sim
 
 
-def clip_embedder(models_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The contrastive model's image embeddings (paper §3.2), loaded lazily.
-
-    Interface expected from the reranker: `dalle.models.clip.image_embeddings(checkpoint,
-    images uint8 [N, H, W, 3]) -> float [N, D]`.
-    """
-    checkpoint = Path(models_dir) / "clip.safetensors"
+def clip_embedder(checkpoint: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised image embeddings [N, D] of uint8 images [N, H, W, 3] from a contrastive model
+    (paper §3.2 finds each val image's closest train image with one)."""
     if not checkpoint.is_file():
         raise ConfigError(f"dedup.use_embeddings is true but {checkpoint} does not exist; train "
                           "the contrastive model first (dvc repro train_clip) or set it to false")
-    try:
-        from dalle.models import clip
-    except ImportError:
-        clip = None
-    if clip is None or not hasattr(clip, "image_embeddings"):
-        raise ConfigError("dedup.use_embeddings is true but dalle.models.clip.image_embeddings "
-                          "is not available in this version; set dedup.use_embeddings "
-                          "false")
-    if hasattr(clip, "load_clip") and hasattr(clip, "embed_images"):  # load the model once
-        model = clip.load_clip(checkpoint)
-        return lambda images: np.asarray(clip.embed_images(model, images), dtype=np.float32)
-    return lambda images: np.asarray(clip.image_embeddings(checkpoint, images), dtype=np.float32)
+    model = load_clip(checkpoint)
+
+    @torch.no_grad()
+    def embed(images: np.ndarray) -> np.ndarray:
+        return model.encode_image(to_float(images)).numpy().astype(np.float32)
+
+    return embed
 
 
 # ----------------------------------------------------------------------------- the stage
-def read_raw_manifest(raw_dir: Path) -> pd.DataFrame:
-    path = raw_dir / "manifest.parquet"
+def read_raw_manifest(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path} does not exist; run the collect stage first")
     try:
@@ -314,15 +305,15 @@ def mark_duplicates(ok: pd.DataFrame, shas: list[str], bits: np.ndarray,
                      dup_kind=pd.Series(kind, dtype="string", index=ok.index))
 
 
-def _overlap(cfg: Dedup, paths: Paths, clean: pd.DataFrame, bits: np.ndarray
+def _overlap(cfg: Dedup, art: Artefacts, clean: pd.DataFrame, bits: np.ndarray
              ) -> tuple[pd.DataFrame, float]:
     kept = clean["dup_of"].isna().to_numpy()
     val = np.flatnonzero(kept & (clean["split"] == "val").to_numpy())
     train = np.flatnonzero(kept & (clean["split"] == "train").to_numpy())
     keys = clean["key"].to_numpy()
     if cfg.use_embeddings:
-        embed = clip_embedder(paths.models)
-        vectors = {name: embed_raw(Path(paths.raw), clean.iloc[rows], embed)
+        embed = clip_embedder(art.clip)
+        vectors = {name: embed_raw(art.raw, clean.iloc[rows], embed)
                    for name, rows in (("val", val), ("train", train)) if len(rows)}
         val_vec, train_vec = vectors.get("val"), vectors.get("train")
         method, threshold = "cosine", cfg.embedding_threshold
@@ -337,26 +328,24 @@ def _overlap(cfg: Dedup, paths: Paths, clean: pd.DataFrame, bits: np.ndarray
     return table, threshold
 
 
-def run_dedup(cfg: Dedup, paths: Paths, tracker: Any, workers: int = 2) -> dict[str, Any]:
+def run_dedup(art: Artefacts, tracker: Any, dedup: Dedup, workers: int = 2) -> dict[str, Any]:
     """The stage body: raw manifest + shards -> clean manifest, overlap table, metrics."""
-    start = time.perf_counter()
-    raw = Path(paths.raw)
-    manifest = read_raw_manifest(raw)
+    cfg, start = dedup, time.perf_counter()
+    manifest = read_raw_manifest(art.raw_manifest)
     ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     if ok.empty:
-        raise DataError(f"{raw}/manifest.parquet has no ok rows; nothing to deduplicate")
-    shas, bits = hash_raw(raw, ok, cfg, workers)
+        raise DataError(f"{art.raw_manifest} has no ok rows; nothing to deduplicate")
+    shas, bits = hash_raw(art.raw, ok, cfg, workers)
     clean = mark_duplicates(ok, shas, bits, cfg.near_threshold if cfg.remove_near else None)
-    overlap, threshold = _overlap(cfg, paths, clean, bits)
-    out = Path(paths.clean)
-    with atomic_path(out / "manifest.parquet") as tmp:
+    overlap, threshold = _overlap(cfg, art, clean, bits)
+    with atomic_path(art.clean_manifest) as tmp:
         clean.to_parquet(tmp, index=False)
-    with atomic_path(out / "overlap.parquet") as tmp:
+    with atomic_path(art.overlap) as tmp:
         overlap.to_parquet(tmp, index=False)
     metrics = _metrics(cfg, clean, overlap, threshold, time.perf_counter() - start)
-    write_json(Path(paths.metrics) / "dedup.json", metrics)
+    write_json(art.metrics("dedup"), metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.log_artifact(out / "overlap.parquet", "dedup")
+    tracker.log_artifact(art.overlap, "dedup")
     log.info("dedup: kept %d of %d ok images (%d exact, %d near duplicates); %d of %d val images "
              "overlap train", metrics["kept"], metrics["ok_rows"], metrics["removed_exact"],
              metrics["removed_near"], metrics["val_overlap"], metrics["val_checked"])
@@ -380,3 +369,11 @@ def _metrics(cfg: Dedup, clean: pd.DataFrame, overlap: pd.DataFrame, threshold: 
         "near_threshold": cfg.near_threshold if cfg.remove_near else -1,
         "hash_size": cfg.hash_size, "seconds": round(seconds, 3),
     }
+
+
+STAGE = StageSpec(
+    name="dedup", fn=run_dedup, params=("dedup",),
+    inputs=lambda a: (a.raw,),
+    outputs=lambda a: (Out(a.clean), Out(a.metrics("dedup"), metric=True)),
+    summary="exact + perceptual-hash duplicates, val↔train overlap (§3.2)",
+)

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from dalle.config_sections import Data, Paths
+from dalle.catalog import Artefacts
+from dalle.config_sections import Data
 from dalle.data import shards
 from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
 from dalle.data.images import IMAGE_EXTS, ImageRejected, process_image
@@ -124,13 +125,13 @@ def load_sample(key: str, row: Row, data_cfg: Data) -> shards.Sample:
                          url=row.name, source=SOURCE)
 
 
-def collect_folder(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]:
-    """Folder/COCO -> `paths.raw` shards + manifest.parquet; returns metrics."""
+def collect_folder(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) -> dict[str, Any]:
+    """Folder/COCO -> the raw shards + manifest; returns metrics."""
     rows = list_rows(data_cfg.folder.path)
-    out, size = Path(paths.raw), data_cfg.shard_size
-    check_resume(out, fingerprint(data_cfg, data_cfg.folder, [Path(str(data_cfg.folder.path))]))
+    out, size = art.raw, data_cfg.shard_size
+    check_resume(out, fingerprint(data_cfg, data_cfg.folder, [Path(str(data_cfg.folder.path))], seed))
     done = shards.completed_shards(out)
-    split_fn = shards.split_fn(data_cfg)
+    split_fn = shards.split_fn(data_cfg, seed)
     todo = [i for i in range(-(-len(rows) // size)) if i not in done]
     with ThreadPoolExecutor(max_workers=data_cfg.folder.workers) as pool, tqdm(
             total=len(rows), desc="collect: folder", unit="img") as bar:
@@ -141,4 +142,4 @@ def collect_folder(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]
             samples = list(pool.map(lambda k, r: load_sample(k, r, data_cfg), keys, chunk))
             shards.write_shard(out, shard, samples, split_fn)
             bar.update(len(chunk))
-    return summarise(out, len(rows), len(todo), tracker, SOURCE)
+    return summarise(art, len(rows), len(todo), tracker, SOURCE)

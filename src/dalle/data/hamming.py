@@ -13,6 +13,7 @@ Hashes are bool arrays [N, B]; internally they are packed into uint64 words [N, 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import numpy as np
@@ -170,8 +171,6 @@ def nearest_bruteforce(query_bits: np.ndarray, base_bits: np.ndarray, block: int
 
     Small query blocks keep the [block, N] XOR in cache (8 rows: 5x faster than 256).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     q_words, b_words = pack(query_bits), pack(base_bits)  # [Q, W], [N, W]
     idx = np.zeros(len(q_words), dtype=np.int64)
     dist = np.zeros(len(q_words), dtype=np.int64)

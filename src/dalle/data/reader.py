@@ -1,6 +1,6 @@
 """Reading a split of the collected data: clean manifest rows + images from the raw shards.
 
-`load_split(paths, split)` uses `paths.clean/manifest.parquet` (rows with status ok and null
+`load_split(art, split)` uses the clean manifest (rows with status ok and null
 `dup_of`, written by the dedup stage); before dedup has run it falls back to the raw manifest
 with a warning. Images come from the raw tar shards via `shards.iter_tar` (nothing extracted).
 """
@@ -9,19 +9,17 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dalle.config_sections import Paths
+from dalle.catalog import SPLITS, Artefacts
 from dalle.data.shards import iter_tar, shard_file
 from dalle.errors import DataError
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val")
 
 
 @dataclass
@@ -35,9 +33,9 @@ class Split:
         return len(self.keys)
 
 
-def read_manifest(paths: Paths) -> pd.DataFrame:
+def read_manifest(art: Artefacts) -> pd.DataFrame:
     """The clean manifest's usable rows (or the raw manifest's ok rows, with a warning)."""
-    clean, raw = Path(paths.clean) / "manifest.parquet", Path(paths.raw) / "manifest.parquet"
+    clean, raw = art.clean_manifest, art.raw_manifest
     if clean.exists():
         frame = pd.read_parquet(clean)
         if "dup_of" in frame.columns:
@@ -59,20 +57,20 @@ def _decode(data: bytes, key: str) -> np.ndarray:
         raise DataError(f"image {key!r} in the raw shards cannot be decoded ({exc})") from None
 
 
-def load_split(paths: Paths, split: str, limit: Optional[int] = None) -> Split:
+def load_split(art: Artefacts, split: str, limit: Optional[int] = None) -> Split:
     """Keys, captions, uint8 images [N, H, W, 3] and metadata of one split, in manifest order."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    rows = read_manifest(paths)
+    rows = read_manifest(art)
     rows = rows[rows["split"] == split]
     if limit is not None:
         rows = rows.iloc[:limit]
     if rows.empty:
-        raise DataError(f"split {split!r} has no usable images in the manifest under {paths.raw}")
+        raise DataError(f"split {split!r} has no usable images in the manifest under {art.raw}")
     found: dict[str, tuple[np.ndarray, dict]] = {}
     for shard, group in rows.groupby("shard", sort=True):
         wanted = set(group["key"])
-        tar = shard_file(paths.raw, int(shard), ".tar")
+        tar = shard_file(art.raw, int(shard), ".tar")
         if not tar.exists():
             raise DataError(f"raw shard {tar} is missing; rerun the collect stage")
         for key, _ext, data, _caption, meta in iter_tar(tar):
@@ -91,9 +89,9 @@ def load_split(paths: Paths, split: str, limit: Optional[int] = None) -> Split:
                  images=np.stack([found[k][0] for k in keys]), meta=[found[k][1] for k in keys])
 
 
-def eval_captions(paths: Paths) -> pd.DataFrame:
-    """`paths.raw/eval_captions.parquet`: caption_id, caption, combo, spec (JSON or null)."""
-    path = Path(paths.raw) / "eval_captions.parquet"
+def eval_captions(art: Artefacts) -> pd.DataFrame:
+    """The evaluation captions: caption_id, caption, combo, spec (JSON or null)."""
+    path = art.eval_captions
     if not path.exists():
         raise DataError(f"{path} does not exist; run the collect stage")
     return pd.read_parquet(path)

@@ -5,7 +5,7 @@
 `out_dir/{i:05d}.parquet` the shard's manifest rows, one per ATTEMPTED sample (failed ones too).
 The parquet is written last and atomically: it is the shard's completion marker, so a killed
 collect resumes by skipping the shards whose parquet exists. `finalize` concatenates the shard
-manifests into `out_dir/manifest.parquet`.
+manifests into the directory's manifest (`Artefacts.raw_manifest`).
 
 Everything written is a function of the samples alone (fixed tar headers, no timestamps), so a
 rerun of the same shard is byte-identical. `iter_tar` reads shards (ours or img2dataset's)
@@ -81,9 +81,9 @@ def key_fraction(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def split_fn(data_cfg: Any) -> SplitFn:
+def split_fn(data_cfg: Any, seed: int) -> SplitFn:
     """key -> "val" when hash(seed, key) < data.val_fraction, else "train"."""
-    seed, fraction = int(data_cfg.seed), float(data_cfg.val_fraction)
+    fraction = float(data_cfg.val_fraction)
     return lambda key: "val" if key_fraction(key, seed) < fraction else "train"
 
 
@@ -179,13 +179,13 @@ def completed_shards(out_dir: str | Path) -> set[int]:
     return {int(m.group(1)) for m in found if m}
 
 
-def finalize(out_dir: str | Path) -> pd.DataFrame:
-    """Concatenate the shard parquets (in index order) into `out_dir/manifest.parquet`."""
+def finalize(out_dir: str | Path, manifest: Path) -> pd.DataFrame:
+    """Concatenate the shard parquets (in index order) into the `manifest` file."""
     out = Path(out_dir)
     parts = [pd.read_parquet(shard_file(out, i, ".parquet")) for i in sorted(completed_shards(out))]
     frame = manifest_frame([]) if not parts else pd.concat(parts, ignore_index=True)
     frame = frame.astype(_DTYPES)
-    with atomic_path(out / "manifest.parquet") as tmp:
+    with atomic_path(manifest) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
 

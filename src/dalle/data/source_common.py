@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from dalle.catalog import Artefacts
 from dalle.data import shards
 from dalle.errors import DataError
 from dalle.io import write_json
@@ -20,14 +21,14 @@ def shard_key(shard: int, position: int, shard_size: int) -> str:
     return f"{shard:05d}{position:0{width}d}"
 
 
-def summarise(out: Path, n_rows: Optional[int], n_new: int, tracker: Any, source: str
+def summarise(art: Artefacts, n_rows: Optional[int], n_new: int, tracker: Any, source: str
               ) -> dict[str, Any]:
     """finalize() the shards; an empty data set removes the manifest and raises."""
-    manifest = shards.finalize(out)
+    manifest = shards.finalize(art.raw, art.raw_manifest)
     n_rows = len(manifest) if n_rows is None else n_rows
     ok = int((manifest["status"] == "ok").sum())
     if ok == 0:
-        (out / "manifest.parquet").unlink(missing_ok=True)  # an empty data set is not complete
+        art.raw_manifest.unlink(missing_ok=True)  # an empty data set is not complete
         first = manifest["error"].dropna()
         raise DataError(f"{source}: none of {n_rows} samples is a usable image (first error: "
                         f"{first.iloc[0] if len(first) else 'none'})")
@@ -44,11 +45,11 @@ FINGERPRINT = "_source.json"
 _OPERATIONAL = {"workers", "timeout_s", "retries", "backoff_s", "per_host"}  # may change on resume
 
 
-def fingerprint(data_cfg: Any, section: Any, inputs: list[Path]) -> dict[str, Any]:
-    """What the shards in `paths.raw` were made from: params + input files (size, mtime)."""
+def fingerprint(data_cfg: Any, section: Any, inputs: list[Path], seed: int) -> dict[str, Any]:
+    """What the raw shards were made from: params + input files (size, mtime)."""
     files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in inputs]
     return {"source": data_cfg.source, "image_size": data_cfg.image_size,
-            "shard_size": data_cfg.shard_size, "seed": data_cfg.seed,
+            "shard_size": data_cfg.shard_size, "seed": seed,
             "val_fraction": data_cfg.val_fraction,
             "section": section.model_dump(mode="json", exclude=_OPERATIONAL),
             "inputs": files}

@@ -1,10 +1,10 @@
-"""The synthetic captioned world (issue 3 §1): deterministic scenes -> raw shards + eval captions.
+"""The synthetic captioned world: deterministic scenes -> raw shards + evaluation captions.
 
-Image i is drawn from `np.random.default_rng([seed, i])` alone, so shard j (images
+Image i is drawn from `np.random.default_rng([seed, i])` alone (params `seed`), so shard j (images
 [j*shard_size, (j+1)*shard_size)) can be rendered by any process, in any order, and a rerun is
 byte-identical. Split rule: an image containing a `data.synthetic.holdout` "colour shape" pair
 always goes to val (those combos never appear in train); the rest split by key hash
-(`shards.split_fn`). `eval_captions.parquet` holds fresh captions of seen combos (combo "seen")
+(`shards.split_fn`). The evaluation captions hold fresh captions of seen combos (combo "seen")
 and of holdout combos (combo "holdout") with their spec JSON, which `dalle.eval.oracle` scores.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from dalle.config_sections import Data, Paths, Synthetic
+from dalle.catalog import Artefacts
+from dalle.config_sections import Data, Synthetic
 from dalle.data import shards
 from dalle.data.synthetic_captions import COLOURS, SHAPES, caption, combo, sample_spec
 from dalle.data.synthetic_render import place, render
@@ -46,9 +47,9 @@ def check_holdout(cfg: Synthetic) -> frozenset[str]:
     return frozenset(cfg.holdout)
 
 
-def scene(cfg: Synthetic, size: int, index: int) -> tuple[dict[str, Any], str, list, Any]:
+def scene(cfg: Synthetic, size: int, index: int, seed: int) -> tuple[dict[str, Any], str, list, Any]:
     """Image `index` of the world: (spec, caption, placed objects, PIL image)."""
-    rng = np.random.default_rng([cfg.seed, index])
+    rng = np.random.default_rng([seed, index])
     spec = sample_spec(rng, cfg.min_objects, cfg.max_objects)
     text = caption(spec, rng)
     placed = place(spec, size, rng, cfg.jitter)
@@ -61,28 +62,28 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def render_shard(args: tuple[Data, str, int]) -> int:
+def render_shard(args: tuple[Data, str, int, int]) -> int:
     """Render and write shard `index` (the unit of work of the process pool)."""
-    data_cfg, out_dir, index = args
+    data_cfg, out_dir, index, seed = args
     cfg, size = data_cfg.synthetic, data_cfg.image_size
-    holdout, by_hash = check_holdout(cfg), shards.split_fn(data_cfg)
+    holdout, by_hash = check_holdout(cfg), shards.split_fn(data_cfg, seed)
     lo, hi = index * data_cfg.shard_size, min(cfg.n_images, (index + 1) * data_cfg.shard_size)
     samples, split_of = [], {}
     for i in range(lo, hi):
-        spec, text, placed, image = scene(cfg, size, i)
+        spec, text, placed, image = scene(cfg, size, i, seed)
         key = f"{index:05d}{i - lo:04d}" if data_cfg.shard_size <= 10_000 else f"{i:09d}"
         held = any(combo(o) in holdout for o in spec["objects"])
         split_of[key] = "val" if held else by_hash(key)
         meta = {"spec": spec, "objects": placed, "index": i, "holdout": held}
         samples.append(shards.Sample(key=key, caption=text, image_bytes=_png(image), ext="png",
-                                     meta=meta, url=f"synthetic://{cfg.seed}/{i}", source=SOURCE))
+                                     meta=meta, url=f"synthetic://{seed}/{i}", source=SOURCE))
     shards.write_shard(out_dir, index, samples, split_of.__getitem__)
     return hi - lo
 
 
-def _eval_specs(cfg: Synthetic, holdout: frozenset[str], want_holdout: bool,
-                n: int) -> Iterator[tuple[dict[str, Any], str]]:
-    rng = np.random.default_rng([cfg.seed, EVAL_SEED_OFFSET, int(want_holdout)])
+def _eval_specs(cfg: Synthetic, holdout: frozenset[str], want_holdout: bool, n: int,
+                seed: int) -> Iterator[tuple[dict[str, Any], str]]:
+    rng = np.random.default_rng([seed, EVAL_SEED_OFFSET, int(want_holdout)])
     made, tries = 0, 0
     while made < n and tries < 200 * n:
         tries += 1
@@ -92,30 +93,30 @@ def _eval_specs(cfg: Synthetic, holdout: frozenset[str], want_holdout: bool,
             yield spec, caption(spec, rng)
 
 
-def write_eval_captions(cfg: Synthetic, out_dir: Path, n: int) -> pd.DataFrame:
-    """`eval_captions.parquet`: seen-combo and holdout-combo captions with their specs."""
+def write_eval_captions(cfg: Synthetic, path: Path, n: int, seed: int) -> pd.DataFrame:
+    """The evaluation captions: seen-combo and holdout-combo captions with their specs."""
     holdout, rows = check_holdout(cfg), []
     for kind in ("seen", "holdout"):
         if kind == "holdout" and not holdout:
             continue
-        for j, (spec, text) in enumerate(_eval_specs(cfg, holdout, kind == "holdout", n)):
+        for j, (spec, text) in enumerate(_eval_specs(cfg, holdout, kind == "holdout", n, seed)):
             rows.append({"caption_id": f"{kind}-{j:04d}", "caption": text, "combo": kind,
                          "spec": json.dumps(spec, sort_keys=True)})
     frame = pd.DataFrame(rows, columns=["caption_id", "caption", "combo", "spec"]).astype("string")
-    with atomic_path(out_dir / "eval_captions.parquet") as tmp:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
 
 
-def collect_synthetic(data_cfg: Data, paths: Paths, tracker: Any,
+def collect_synthetic(data_cfg: Data, art: Artefacts, tracker: Any, seed: int,
                       workers: int = 0) -> dict[str, Any]:
-    """Render the world into `paths.raw` shards (resuming), manifest + eval captions; metrics."""
-    cfg, out = data_cfg.synthetic, Path(paths.raw)
+    """Render the world into the raw shards (resuming), manifest + eval captions; metrics."""
+    cfg, out = data_cfg.synthetic, art.raw
     check_holdout(cfg)
     n_shards = -(-cfg.n_images // data_cfg.shard_size)
     todo = sorted(set(range(n_shards)) - shards.completed_shards(out))
     workers = workers or min(len(os.sched_getaffinity(0)), 8, max(1, len(todo)))
-    start, jobs = time.perf_counter(), [(data_cfg, str(out), i) for i in todo]
+    start, jobs = time.perf_counter(), [(data_cfg, str(out), i, seed) for i in todo]
     bar = tqdm(total=cfg.n_images, desc="collect: synthetic", unit="img",
                initial=cfg.n_images - sum(min(cfg.n_images, (i + 1) * data_cfg.shard_size)
                                           - i * data_cfg.shard_size for i in todo))
@@ -128,8 +129,8 @@ def collect_synthetic(data_cfg: Data, paths: Paths, tracker: Any,
             bar.update(render_shard(job))
     bar.close()
     seconds = time.perf_counter() - start
-    manifest = shards.finalize(out)
-    evals = write_eval_captions(cfg, out, data_cfg.eval_captions)
+    manifest = shards.finalize(out, art.raw_manifest)
+    evals = write_eval_captions(cfg, art.eval_captions, data_cfg.eval_captions, seed)
     rendered = sum(min(cfg.n_images, (i + 1) * data_cfg.shard_size) - i * data_cfg.shard_size
                    for i in todo)
     counts = manifest["split"].value_counts()

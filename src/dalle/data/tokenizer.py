@@ -2,7 +2,7 @@
 
 Trained with HuggingFace `tokenizers` on the train split's captions (NFKC + lower case,
 sentencepiece-style Metaspace pre-tokenizer, `[UNK]` for characters never seen) and saved to
-`paths.models/tokenizer.json`. `BPETokenizer` keeps two instances of the same model: a
+the models directory (`Artefacts.tokenizer`). `BPETokenizer` keeps two instances of the same model: a
 deterministic one and one with BPE dropout (paper §2.2 fn. 5: rate 0.1) used only when
 `encode(..., dropout=True)`, so switching never mutates shared state (thread-safe).
 Padding is not a token: `encode_padded` fills with -1 and the prior learns one pad embedding
@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle.config_sections import Paths
+from dalle.catalog import Artefacts
 from dalle.config_sections import Tokenizer as TokenizerCfg
+from dalle.data.reader import read_manifest
 from dalle.errors import CheckpointError, DataError
 from dalle.io import atomic_path, write_json
+from dalle.stage import Out, StageSpec
 
 log = logging.getLogger(__name__)
 UNK = "[UNK]"
@@ -93,22 +95,45 @@ class BPETokenizer:
         return self._det.decode([int(i) for i in seq if int(i) >= 0])
 
 
-def train_tokenizer(cfg: TokenizerCfg, paths: Paths, tracker: Any) -> dict[str, Any]:
-    """The stage body: train captions -> `paths.models/tokenizer.json` + metrics."""
-    from dalle.data.reader import read_manifest
+def load_tokenizer(path: str | Path, dropout: float = 0.1) -> BPETokenizer:
+    """The trained tokenizer at `path` (the tokenizer stage's output), or one line saying so."""
+    if not Path(path).is_file():
+        raise DataError(f"tokenizer not found: {path}; run the tokenizer stage first "
+                        "(dvc repro tokenizer)")
+    return BPETokenizer.load(path, dropout)
 
-    rows = read_manifest(paths)
+
+def tokenize(tokenizer: BPETokenizer, captions: Sequence[str], text_len: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> ids int64 [N, text_len] (pad -1) and lengths int64 [N] (at least 1), without
+    BPE dropout: what the contrastive model and the samplers read."""
+    ids, lengths = tokenizer.encode_padded(list(captions), text_len, dropout=False)
+    return ids.long(), lengths.long().clamp(min=1)
+
+
+def train_tokenizer(art: Artefacts, tracker: Any, tokenizer: TokenizerCfg) -> dict[str, Any]:
+    """The stage body: train captions -> the BPE tokenizer + metrics."""
+    cfg = tokenizer
+    rows = read_manifest(art)
     texts = [str(c) for c in rows.loc[rows["split"] == "train", "caption"] if str(c).strip()]
     if not texts:
-        raise DataError(f"no train captions in the manifest under {paths.raw}; nothing to "
+        raise DataError(f"no train captions in the manifest under {art.raw}; nothing to "
                         "train the tokenizer on")
     tok = BPETokenizer(build(cfg.vocab_size, cfg.min_frequency, texts), cfg.bpe_dropout)
-    path = tok.save(Path(paths.models) / "tokenizer.json")
+    path = tok.save(art.tokenizer)
     lengths = [len(x) for x in tok.encode(texts)]
     metrics = {"vocab_size": tok.vocab_size, "captions": len(texts),
                "mean_tokens": round(float(np.mean(lengths)), 3), "max_tokens": int(max(lengths)),
                "truncated": int(sum(n > cfg.text_len for n in lengths))}
-    write_json(Path(paths.metrics) / "tokenizer.json", metrics)
+    write_json(art.metrics("tokenizer"), metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     tracker.log_artifact(path, "tokenizer")
     return metrics
+
+
+STAGE = StageSpec(
+    name="tokenizer", fn=train_tokenizer, params=("tokenizer",),
+    inputs=lambda a: (a.clean, a.raw),
+    outputs=lambda a: (Out(a.tokenizer), Out(a.metrics("tokenizer"), metric=True)),
+    summary="lower-cased BPE on the train captions (§2.2)",
+)

@@ -1,6 +1,6 @@
-"""The `url_list` source (issue 3 §2): CC3M/CC12M/YFCC-style lists of (url, caption).
+"""The `url_list` source: CC3M/CC12M/YFCC-style lists of (url, caption).
 
-`collect_urls(data_cfg, paths, tracker)` reads the list (TSV/CSV/parquet), downloads every URL
+`collect_urls(data_cfg, art, tracker, seed)` reads the list (TSV/CSV/parquet), downloads every URL
 with a thread pool (`dalle.data.fetch`: timeouts, retries with backoff, per-host politeness,
 re-checked redirects, byte cap), normalises each image (`dalle.data.images`: validate, RGB,
 resize + centre crop to `data.image_size`, re-encode) and writes img2dataset-layout shards through
@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import pandas as pd
 from tqdm import tqdm
 
-from dalle.config_sections import Data, Paths, UrlList
+from dalle.catalog import Artefacts
+from dalle.config_sections import Data, UrlList
 from dalle.data import shards
 from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
 from dalle.data.fetch import FetchError, FetchPolicy, HostLimiter, fetch
@@ -100,13 +101,13 @@ def download_sample(key: str, url: str, caption: str, data_cfg: Data, policy: Fe
 
 
 # ----------------------------------------------------------------------------- the source
-def collect_urls(data_cfg: Data, paths: Paths, tracker: Any,
+def collect_urls(data_cfg: Data, art: Artefacts, tracker: Any, seed: int,
                  on_shard_done: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """Download the URL list into `paths.raw` shards + manifest.parquet; returns metrics."""
+    """Download the URL list into the raw shards + manifest; returns metrics."""
     cfg = data_cfg.url_list
     table = read_url_list(cfg)
-    out = Path(paths.raw)
-    check_resume(out, fingerprint(data_cfg, cfg, [Path(str(cfg.path))]))
+    out = art.raw
+    check_resume(out, fingerprint(data_cfg, cfg, [Path(str(cfg.path))], seed))
     size = data_cfg.shard_size
     n_shards = -(-len(table) // size)
     done = shards.completed_shards(out)
@@ -114,7 +115,7 @@ def collect_urls(data_cfg: Data, paths: Paths, tracker: Any,
     policy = FetchPolicy(cfg.timeout_s, cfg.max_bytes, cfg.retries, cfg.backoff_s,
                          allow_private=cfg.allow_private)
     limiter = HostLimiter(cfg.per_host)
-    split_fn = shards.split_fn(data_cfg)
+    split_fn = shards.split_fn(data_cfg, seed)
     bar = tqdm(total=len(table), initial=sum(len(table.iloc[i * size:(i + 1) * size]) for i in done
                                              if i < n_shards), desc="collect: urls", unit="url")
     start, fetched = time.perf_counter(), 0
@@ -133,7 +134,7 @@ def collect_urls(data_cfg: Data, paths: Paths, tracker: Any,
             raise
     bar.close()
     seconds = time.perf_counter() - start
-    metrics = summarise(out, len(table), len(todo), tracker, SOURCE)
+    metrics = summarise(art, len(table), len(todo), tracker, SOURCE)
     metrics["urls_per_s"] = round(fetched / seconds, 2) if fetched and seconds > 0 else 0.0
     return metrics
 

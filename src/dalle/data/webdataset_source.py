@@ -4,7 +4,7 @@
 output shard i (so a rerun skips what is complete). Members are read with `shards.iter_tar`,
 which never extracts anything to disk and refuses unsafe member names (`..`, absolute paths,
 links, devices) with a DataError naming the member: nothing is ever written outside
-`paths.raw`. Images are normalised like every other source (size, RGB, format); the original
+the raw shards. Images are normalised like every other source (size, RGB, format); the original
 key, url and metadata are kept in the sample's json.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dalle.config_sections import Data, Paths
+from dalle.catalog import Artefacts
+from dalle.config_sections import Data
 from dalle.data import shards
 from dalle.data.images import ImageRejected, process_image
 from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
@@ -62,17 +63,17 @@ def ingest_tar(tar: Path, shard: int, data_cfg: Data, shard_size: int) -> list[s
     return samples
 
 
-def collect_webdataset(data_cfg: Data, paths: Paths, tracker: Any) -> dict[str, Any]:
-    """Input tars -> `paths.raw` shards (one per input tar) + manifest.parquet; returns metrics."""
+def collect_webdataset(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) -> dict[str, Any]:
+    """Input tars -> the raw shards (one per input tar) + manifest; returns metrics."""
     tars = input_tars(data_cfg.webdataset.paths)
-    out = Path(paths.raw)
-    check_resume(out, fingerprint(data_cfg, data_cfg.webdataset, tars))
+    out = art.raw
+    check_resume(out, fingerprint(data_cfg, data_cfg.webdataset, tars, seed))
     done = shards.completed_shards(out)
-    split_fn = shards.split_fn(data_cfg)
+    split_fn = shards.split_fn(data_cfg, seed)
     todo = [i for i in range(len(tars)) if i not in done]
     for shard in tqdm(todo, desc="collect: webdataset", unit="tar"):
         samples = ingest_tar(tars[shard], shard, data_cfg, data_cfg.shard_size)
         shards.write_shard(out, shard, samples, split_fn)
-    metrics = summarise(out, None, len(todo), tracker, SOURCE)
+    metrics = summarise(art, None, len(todo), tracker, SOURCE)
     metrics["input_tars"] = len(tars)
     return metrics

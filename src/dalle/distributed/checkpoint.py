@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
 
 from dalle.distributed.strategy import ShardedStrategy
 from dalle.io import CONFIG_KEY, check_config, load_checkpoint, save_checkpoint
+from dalle.train.common import rng_state, set_rng_state
 
 
 def _step_of(path: Path) -> int:
@@ -35,8 +38,6 @@ def topology(strategy: ShardedStrategy) -> dict[str, int]:
 def _check_topology(ckpt_dir: Path, expected: dict[str, Any]) -> None:
     """Any rank's checkpoint of another world/shard size is an error, not a silent fresh start
     (ranks that did not exist before would otherwise find nothing and drag the step to 0)."""
-    from safetensors import safe_open
-
     found = sorted(ckpt_dir.glob("rank*.step*.safetensors"), key=_step_of)
     if not found:
         return
@@ -79,3 +80,25 @@ def resume_rank(ckpt_dir: Path, strategy: ShardedStrategy, opt: torch.optim.Opti
         opt.state[p] = dict(state["adam"][i])
     strategy.load_state_dict(state["strategy"])
     return int(state["step"]), dict(state.get("extra") or {})
+
+
+class RankStore:
+    """The training loop's state store for a sharded run (dalle.train.loop.StateStore): every rank
+    saves and resumes its own slices, Adam state, strategy state, RNG and the trainer's extra."""
+
+    def __init__(self, ckpt_dir: Path, config: dict[str, Any]) -> None:
+        self.ckpt_dir, self.config = Path(ckpt_dir), config
+
+    def load(self, loop: Any) -> int:
+        step, extra = resume_rank(self.ckpt_dir, loop.strategy, loop.optimizer, self.config)
+        if step:
+            set_rng_state(extra["rng"])
+            loop.load_extra(extra["extra"])
+        return step
+
+    def save(self, loop: Any) -> None:
+        save_rank(self.ckpt_dir, loop.strategy, loop.optimizer, loop.step,
+                  {"rng": rng_state(), "extra": loop.extra_state()}, self.config)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)

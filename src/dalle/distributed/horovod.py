@@ -1,4 +1,4 @@
-"""The only module of the project that imports horovod (DESIGN.md §2).
+"""The only module of the project that imports horovod (docs/architecture.md, import boundaries).
 
 `init_groups(shard_group_size)` starts Horovod with the paper's two kinds of groups as
 `hvd.ProcessSet`s (§2.5, fig. 5): the ranks of one machine (sharding group: ranks

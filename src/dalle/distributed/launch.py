@@ -8,19 +8,16 @@ Horovod was built with HOROVOD_GPU_OPERATIONS=NCCL, see docs/operations.md). Und
 
 The Prefect flow takes the same path: `dalle.pipeline.run_stage` asks `will_relaunch` and, when
 true, runs `stage_command(...)` (that very `python -m stages.<name>`) as a subprocess instead of
-the in-process body; while it only imports a stage script to take its body (`capturing_body`),
-`relaunch_stage` does nothing (it would otherwise parse the flow's argv and read params.yaml).
+the in-process body (`dalle.stage.StageSpec.main` does the relaunch).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from dalle.config_sections import Distributed
 from dalle.errors import ConfigError
@@ -30,8 +27,6 @@ from dalle.errors import ConfigError
 DEFAULT_TIMEOUTS = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "60", "HOROVOD_START_TIMEOUT": "60"}
 
 
-_capture = threading.local()
-
 
 def under_horovod() -> bool:
     return "HOROVOD_RANK" in os.environ
@@ -40,16 +35,6 @@ def under_horovod() -> bool:
 def will_relaunch(cfg: Distributed) -> bool:
     """True when a stage run with `cfg` here would re-execute itself under horovodrun."""
     return cfg.num_proc > 1 and not under_horovod()
-
-
-@contextlib.contextmanager
-def capturing_body() -> Iterator[None]:
-    """While a stage script is only imported for its body, `relaunch_stage` returns at once."""
-    _capture.active = True
-    try:
-        yield
-    finally:
-        _capture.active = False
 
 
 def stage_command(name: str, params_file: str, preset: Optional[str] = None,
@@ -101,24 +86,3 @@ def relaunch_if_needed(cfg: Distributed, module: str, args: Optional[Sequence[st
     argv = [sys.executable, "-m", module, *(sys.argv[1:] if args is None else args)]
     proc = subprocess.run(horovodrun_command(cfg, argv), env=child_env())
     return proc.returncode
-
-
-def relaunch_stage(name: str, argv: Optional[Sequence[str]] = None) -> None:
-    """For `stages/<name>.py`, BEFORE `stage_main` opens its MLflow run: when params ask for
-    num_proc > 1 and this is not a Horovod rank, run the stage under horovodrun and exit with its
-    status (rank 0 of the job then tracks the run). Otherwise return and let the stage run here."""
-    from dalle.config import load_params
-    from dalle.runner import fail, parse_stage_args, run_guarded
-
-    if under_horovod() or getattr(_capture, "active", False):
-        return
-    args = parse_stage_args(name, argv)
-    params = run_guarded(lambda: load_params(args.params, args.preset, args.overrides))
-    if not will_relaunch(params.distributed):
-        return
-    raw = list(sys.argv[1:] if argv is None else argv)
-    code = run_guarded(lambda: relaunch_if_needed(params.distributed, f"stages.{name}", raw))
-    if code:
-        fail(f"distributed stage {name} failed: horovodrun exited with status {code} "
-             "(the failing rank's output is above)", code=code)
-    raise SystemExit(0)

@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from dalle.errors import CheckpointError
+
 AllReduce = Callable[[torch.Tensor, str], torch.Tensor]  # mean over the data-parallel group
 
 
@@ -146,8 +148,6 @@ class PowerSGD:
         return {name: buf.clone() for name, buf in self.errors.items()}
 
     def load_state_dict(self, state: Optional[Mapping[str, torch.Tensor]]) -> None:
-        from dalle.errors import CheckpointError
-
         for name, buf in (state or {}).items():
             if name not in self.errors or self.errors[name].shape != tuple(buf.shape):
                 raise CheckpointError(f"PowerSGD error buffer {name} {tuple(buf.shape)} does not "

@@ -20,15 +20,17 @@ import torch
 from torch import nn
 
 from dalle.config_sections import Distributed
+from dalle.distributed.launch import under_horovod
 from dalle.distributed.powersgd import PowerSGD, shard_rank
 from dalle.distributed.sharding import (FlatShard, LocalComm, Prefetcher, ShardedRest, iter_shards,
                                         shard_blocks)
 from dalle.errors import CheckpointError, ConfigError
+from dalle.train.common import named_decays, resolve_device
 
 
 class ShardedStrategy:
-    def __init__(self, cfg: Distributed, groups: Any = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Distributed, groups: Any = None, seed: int = 0) -> None:
+        self.cfg, self.seed = cfg, seed  # seed: PowerSGD's fixed Q (params `seed`)
         self.world = groups.world if groups is not None else None
         self.shard_comm = (groups.shard if groups is not None and groups.shard else LocalComm())
         self.data = groups.data if groups is not None else None
@@ -40,23 +42,19 @@ class ShardedStrategy:
         self.ema: list[torch.Tensor] = []  # EMA of this rank's slices (paper §2.2: iterate averaging)
 
     @classmethod
-    def from_config(cls, cfg: Distributed) -> "ShardedStrategy":
+    def from_config(cls, cfg: Distributed, seed: int = 0) -> "ShardedStrategy":
         """Under horovodrun: init Horovod and its process sets; otherwise a single process."""
-        from dalle.distributed.launch import under_horovod
-
         if not under_horovod():
-            return cls(cfg)
-        from dalle.distributed import horovod as hv
+            return cls(cfg, seed=seed)
+        from dalle.distributed import horovod as hv  # the only module that imports horovod
 
-        return cls(cfg, hv.init_groups(cfg.shard_group_size))
+        return cls(cfg, hv.init_groups(cfg.shard_group_size), seed)
 
     # ------------------------------------------------------------------ topology
     def device(self, name: str) -> torch.device:
         """params `prior.device` on this rank: one GPU per rank, `cuda:<local rank>`, whose
         collectives go through NCCL; `auto` takes the GPU only where Horovod was built with NCCL
         (a Gloo-only build keeps the ranks on CPU tensors, as on this project's CI machine)."""
-        from dalle.train.common import resolve_device
-
         dev = resolve_device(name)
         if self.world is None or dev.type != "cuda":
             return dev
@@ -89,8 +87,6 @@ class ShardedStrategy:
     def batch_slice(self, batch_size: int) -> slice:
         """This rank's part of a global batch (every rank sees different examples)."""
         if batch_size % self.size:
-            from dalle.errors import ConfigError
-
             raise ConfigError(f"batch_size {batch_size} is not divisible by the {self.size} processes")
         per = batch_size // self.size
         return slice(self.rank * per, (self.rank + 1) * per)
@@ -105,8 +101,8 @@ class ShardedStrategy:
         assert isinstance(blocks, nn.ModuleList), "the model keeps its resblocks in model.blocks"
         if getattr(model, "checkpointing", False):
             setattr(model, "checkpointing", False)  # ShardedBlock already recomputes each block (§2.4)
-        # App. B.2 (as dalle.train.prior_loop.param_groups): weight decay on Linear weights only
-        decay = frozenset(id(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
+        # the one weight-decay rule (dalle.train.common.decays), as a single process applies it
+        decay = frozenset(id(p) for p, d in named_decays(model) if d)
         self.prefetcher = shard_blocks(blocks, self.shard_comm, decay)
         self.rest = ShardedRest(model, self.shard_comm, decay)
         self.shards = list(iter_shards(model)) + [self.rest.shard]
@@ -114,7 +110,7 @@ class ShardedStrategy:
         if ps.enabled and self.data is not None:
             shapes = {f"{i}.{s.name}": s.shard_shape for i, sh in enumerate(self.shards) for s in sh.slots}
             self.psgd = PowerSGD(shapes, shard_rank(ps.rank, self.shard_comm.size), ps.min_compression_dim,
-                                 ps.error_feedback, ps.seed, ps.eps, device=self.rest.shard.device)
+                                 ps.error_feedback, self.seed, ps.eps, device=self.rest.shard.device)
         return model
 
     def parameters(self) -> list[nn.Parameter]:
@@ -252,9 +248,7 @@ class ShardedStrategy:
         return self.world.allreduce_min(value, "agree") if self.world else value
 
 
-def strategy_for(cfg: Distributed) -> Optional[ShardedStrategy]:
+def strategy_for(cfg: Distributed, seed: int) -> Optional[ShardedStrategy]:
     """What a stage hands its trainer: a ShardedStrategy on Horovod ranks, None (the trainer's
     single-process default, no horovod import) otherwise."""
-    from dalle.distributed.launch import under_horovod
-
-    return ShardedStrategy.from_config(cfg) if under_horovod() else None
+    return ShardedStrategy.from_config(cfg, seed) if under_horovod() else None

@@ -3,7 +3,7 @@
 * Fig. 9(a): FID/IS of the best-of-N samples vs the clean val images, both blurred with a
   Gaussian of radius 0, 1, 2, 4, 8.
 * Fig. 9(c): FID/IS of best-of-n (chosen among the first n candidates) for n = 1, 2, 4, ..., N,
-  rebuilt from samples/candidates.npz without resampling.
+  rebuilt from the generate stage's candidates without resampling.
 * Everything against all val images ("all", the paper's solid lines) and against val minus the
   images dedup found overlapping train ("no_overlap", the dashed lines).
 * Synthetic world: the oracle's per-attribute and all-correct accuracy of best-of-n, per combo
@@ -23,17 +23,23 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dalle.config_sections import Evaluate, Paths, Rerank, Tokenizer
+from dalle.catalog import Artefacts, png
+from dalle.config_sections import Evaluate, Rerank
+from dalle.data.reader import eval_captions, load_split
 from dalle.errors import DataError
 from dalle.eval import fid as F
+from dalle.eval.oracle import ATTRIBUTES, score
 from dalle.eval.plots import line_png, write_plot_json
 from dalle.io import write_json
+from dalle.models.dvae import DiscreteVAE, load_dvae
+from dalle.pixels import to_uint8
+from dalle.rerank import load_reranker
+from dalle.stage import Out, StageSpec
 
 log = logging.getLogger(__name__)
 
 
-def load_candidates(samples: Path) -> dict[str, np.ndarray]:
-    path = samples / "candidates.npz"
+def load_candidates(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path} is missing; run the generate stage first (dvc repro generate)")
     with np.load(path, allow_pickle=False) as npz:
@@ -49,21 +55,18 @@ def best_of(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def decode(dvae: Any, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
+def decode(dvae: DiscreteVAE, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
     """image tokens [C, G] -> uint8 [C, H, W, 3]."""
-    from dalle.generate import to_uint8
-
     t = torch.from_numpy(tokens.astype(np.int64))
     return np.concatenate([to_uint8(dvae.decode(t[i:i + batch])) for i in range(0, len(t), batch)])
 
 
-def reference_sets(paths: Paths) -> dict[str, np.ndarray]:
-    """'all' clean val images, and 'no_overlap': minus overlap.parquet rows with overlap=true."""
-    from dalle.data.reader import load_split
-
-    val = load_split(paths, "val")
+def reference_sets(art: Artefacts) -> dict[str, np.ndarray]:
+    """'all' clean val images, and 'no_overlap': minus the val images dedup flagged as
+    overlapping train."""
+    val = load_split(art, "val")
     sets = {"all": np.asarray(val.images)}
-    overlap_path = Path(paths.clean) / "overlap.parquet"
+    overlap_path = art.overlap
     if overlap_path.is_file():
         ov = pd.read_parquet(overlap_path)
         bad = set(ov.loc[ov["overlap"].astype(bool), "val_key"]) if len(ov) else set()
@@ -75,17 +78,15 @@ def reference_sets(paths: Paths) -> dict[str, np.ndarray]:
     return sets
 
 
-def extractor(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Paths,
+def extractor(cfg: Evaluate, rerank_cfg: Rerank, art: Artefacts,
               class_captions: list[str]) -> F.Extractor:
     """Inception-v3 from evaluate.inception_weights, else the contrastive image encoder."""
     if cfg.inception_weights:
         return F.inception_extractor(cfg.inception_weights)
-    from dalle.rerank import load_reranker
-
-    reranker = load_reranker(rerank_cfg, paths, tok_cfg)
+    reranker = load_reranker(rerank_cfg, art)
     with torch.no_grad():
         classes = reranker.encode_text(class_captions)  # [K, D]
-    source = Path(rerank_cfg.clip_checkpoint or Path(paths.models) / "clip.safetensors")
+    source = Path(rerank_cfg.clip_checkpoint or art.clip)
     digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
     return F.clip_extractor(reranker.encode_image, classes, reranker.name, digest)
 
@@ -93,8 +94,6 @@ def extractor(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Path
 def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarray, n: int
                 ) -> list[dict[str, Any]]:
     """Per combo kind: mean oracle correctness of each attribute for best-of-n images."""
-    from dalle.eval.oracle import ATTRIBUTES, score
-
     rows = []
     results = [score(json.loads(s), img) if s else None for s, img in zip(specs, images)]
     for combo in sorted(set(combos.tolist())):
@@ -105,17 +104,15 @@ def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarr
     return rows
 
 
-def _specs(paths: Paths, caption_ids: np.ndarray) -> list[Optional[str]]:
-    from dalle.data.reader import eval_captions
-
-    frame = eval_captions(paths)
+def _specs(art: Artefacts, caption_ids: np.ndarray) -> list[Optional[str]]:
+    frame = eval_captions(art)
     if "spec" not in frame.columns:
         return [None] * len(caption_ids)
     by_id = dict(zip(frame["caption_id"].astype(str), frame["spec"]))
     return [by_id.get(str(c)) if isinstance(by_id.get(str(c)), str) else None for c in caption_ids]
 
 
-def sweeps(cand: dict[str, np.ndarray], dvae: Any, refs: dict[str, np.ndarray], ext: F.Extractor,
+def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, np.ndarray], ext: F.Extractor,
            cfg: Evaluate, specs: list[Optional[str]]) -> tuple[list, list, list]:
     """(blur rows, rerank rows, oracle rows)."""
     scores, n_max = cand["scores"], cand["scores"].shape[1]
@@ -133,22 +130,20 @@ def sweeps(cand: dict[str, np.ndarray], dvae: Any, refs: dict[str, np.ndarray], 
     return blur_rows, rerank_rows, oracle
 
 
-def evaluate(cfg: Evaluate, rerank_cfg: Rerank, tok_cfg: Tokenizer, paths: Paths, tracker: Any
-             ) -> dict[str, Any]:
-    """The `evaluate` stage body: metrics/eval.json, plots/*.json, PNGs to the tracker."""
-    from dalle.models.dvae import load_dvae
-
+def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank) -> dict[str, Any]:
+    """The `evaluate` stage body: metrics, plot data, PNGs to the tracker."""
+    cfg = evaluate
     t0 = time.perf_counter()
-    cand = load_candidates(Path(paths.samples))
+    cand = load_candidates(art.candidates)
     if len(cand["captions"]) == 0:
-        raise DataError(f"{paths.samples}/candidates.npz has an empty caption list")
-    refs = reference_sets(paths)
-    ext = extractor(cfg, rerank_cfg, tok_cfg, paths, sorted(set(cand["captions"].tolist())))
-    dvae = load_dvae(Path(paths.models) / "dvae.safetensors")
-    blur, rerank, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(paths, cand["caption_ids"]))
-    metrics = summarise(blur, rerank, oracle, ext, cand["scores"].shape[1])
+        raise DataError(f"{art.candidates} has an empty caption list")
+    refs = reference_sets(art)
+    ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
+    dvae = load_dvae(art.dvae)
+    blur, rerank_rows, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
+    metrics = summarise(blur, rerank_rows, oracle, ext, cand["scores"].shape[1])
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    write_outputs(paths, tracker, blur, rerank, oracle, metrics)
+    write_outputs(art, tracker, blur, rerank_rows, oracle, metrics)
     return metrics
 
 
@@ -166,20 +161,30 @@ def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: i
     return out
 
 
-def write_outputs(paths: Paths, tracker: Any, blur: list, rerank: list, oracle: list,
+def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle: list,
                   metrics: dict[str, Any]) -> None:
-    plots, metrics_dir = Path(paths.plots), Path(paths.metrics)
-    write_plot_json(plots / "fid_blur.json", blur)
-    write_plot_json(plots / "fid_rerank.json", rerank)
-    write_plot_json(plots / "oracle_rerank.json", oracle)
-    write_json(metrics_dir / "eval.json", metrics)
-    pngs = [line_png(plots / "fid_blur.png", blur, "radius", ["fid", "is"], "reference",
+    write_plot_json(art.fid_blur, blur)
+    write_plot_json(art.fid_rerank, rerank)
+    write_plot_json(art.oracle_rerank, oracle)
+    write_json(art.metrics("eval"), metrics)
+    pngs = [line_png(png(art.fid_blur), blur, "radius", ["fid", "is"], "reference",
                      f"FID/IS vs blur radius (fig. 9a; {metrics['extractor']})"),
-            line_png(plots / "fid_rerank.png", rerank, "rerank_size", ["fid", "is"], "reference",
+            line_png(png(art.fid_rerank), rerank, "rerank_size", ["fid", "is"], "reference",
                      f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True),
-            line_png(plots / "oracle_rerank.png", oracle, "rerank_size",  # empty off the synthetic world
+            line_png(png(art.oracle_rerank), oracle, "rerank_size",  # empty off the synthetic world
                      ["all_correct", "colour", "shape", "position"], "combo",
                      "oracle accuracy vs rerank size", logx=True)]
-    for png in pngs:
-        tracker.log_artifact(png, "plots")
+    for picture in pngs:
+        tracker.log_artifact(picture, "plots")
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+STAGE = StageSpec(
+    name="evaluate", fn=evaluate, params=("evaluate", "rerank"),
+    inputs=lambda a: (a.samples, a.dvae, a.clip, a.tokenizer, a.clean, a.raw),
+    outputs=lambda a: (*(Out(f(p), cache=False) for p in (a.fid_blur, a.fid_rerank, a.oracle_rerank)
+                         for f in (Path, png)),
+                       Out(a.metrics("eval"), metric=True)),
+    summary="FID/IS over blur radii and rerank sizes, with and without the val images that overlap "
+            "training; oracle accuracy on seen vs held-out combinations (§3.1)",
+)

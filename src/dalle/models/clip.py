@@ -9,25 +9,39 @@ symmetric InfoNCE of CLIP with a learned temperature (logit scale clamped at 100
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle.errors import CheckpointError, DataError
+from dalle.errors import CheckpointError
+from dalle.io import load_checkpoint
+from dalle.models.config import as_dict, from_dict
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 
-def model_config(cfg: Any, image_size: int, vocab_size: int, text_len: int) -> dict[str, Any]:
-    """The architecture keys of a `Clip` section that a checkpoint must agree on."""
-    keys = ("embed_dim", "image_width", "text_width", "text_layers", "text_heads")
-    out = {k: int(getattr(cfg, k)) for k in keys}
-    out.update(image_size=int(image_size), vocab_size=int(vocab_size), text_len=int(text_len))
-    return out
+@dataclass(frozen=True)
+class ClipConfig:
+    """Everything that builds a `ContrastiveModel`; stored in its checkpoint."""
+
+    embed_dim: int
+    image_width: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    temperature_init: float  # CLIP: 0.07 (only the initial logit scale)
+    image_size: int
+    vocab_size: int  # BPE ids the text encoder reads
+    text_len: int
+
+    def __post_init__(self) -> None:
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width {self.text_width} is not divisible by text_heads "
+                             f"{self.text_heads}")
 
 
 class ImageEncoder(nn.Module):
@@ -82,15 +96,14 @@ class TextEncoder(nn.Module):
 class ContrastiveModel(nn.Module):
     """Paper §2.6: a contrastive image-text model that scores (caption, image) pairs."""
 
-    def __init__(self, config: Mapping[str, Any], temperature_init: float = 0.07) -> None:
+    def __init__(self, config: ClipConfig) -> None:
         super().__init__()
-        self.config = dict(config)
-        c = self.config
-        self.image_size = int(c["image_size"])
-        self.visual = ImageEncoder(c["image_size"], c["image_width"], c["embed_dim"])
-        self.text = TextEncoder(c["vocab_size"], c["text_len"], c["text_width"], c["text_layers"],
-                                c["text_heads"], c["embed_dim"])
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
+        self.config = c = config
+        self.image_size = c.image_size
+        self.visual = ImageEncoder(c.image_size, c.image_width, c.embed_dim)
+        self.text = TextEncoder(c.vocab_size, c.text_len, c.text_width, c.text_layers,
+                                c.text_heads, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.temperature_init)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """float [B, 3, S, S] in [0, 1] -> normalised [B, D]."""
@@ -113,25 +126,11 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise DataError(f"expected uint8 images [N, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-    return x.permute(0, 3, 1, 2).float().div(255.0)
-
-
-def load_clip(path: str | Path, expected: Mapping[str, Any] | None = None) -> ContrastiveModel:
-    """`models/clip.safetensors` (written by train_clip) -> eval-mode ContrastiveModel."""
-    from dalle.io import load_checkpoint
-
-    weights, config, _ = load_checkpoint(path, expected_config=expected)
-    required = ("embed_dim", "image_width", "text_width", "text_layers", "text_heads",
-                "image_size", "vocab_size", "text_len")
-    missing = [k for k in required if k not in config]
-    if missing:
-        raise CheckpointError(f"{path} is not a contrastive-model checkpoint (config lacks {missing[0]})")
-    model = ContrastiveModel(config)
+def load_clip(path: str | Path) -> ContrastiveModel:
+    """The one loader of a contrastive-model checkpoint (written by train_clip; its stored
+    `ClipConfig` validated) -> eval-mode ContrastiveModel without gradients."""
+    weights, stored, _ = load_checkpoint(path)
+    model = ContrastiveModel(from_dict(ClipConfig, stored, str(path)))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -140,14 +139,6 @@ def load_clip(path: str | Path, expected: Mapping[str, Any] | None = None) -> Co
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def embed_images(model: ContrastiveModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> normalised float32 [N, D], batched."""
-    out = [model.encode_image(uint8_to_float(images[i:i + batch_size]))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.config["embed_dim"]), np.float32)
-
-
-def image_embeddings(checkpoint: str | Path, images: np.ndarray) -> np.ndarray:
-    """Paper §3.2 hook for dedup: normalised image embeddings [N, D] from the trained reranker."""
-    return embed_images(load_clip(checkpoint), images)
+def clip_config_dict(model: ContrastiveModel) -> dict[str, Any]:
+    """What a contrastive-model checkpoint stores as its config."""
+    return as_dict(model.config)

@@ -9,20 +9,19 @@ released configuration; state-dict keys and shapes equal the released `encoder.p
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle.errors import CheckpointError, DataError
-
-log = logging.getLogger("dalle.dvae")
+from dalle.errors import CheckpointError
+from dalle.io import load_checkpoint
+from dalle.models.config import as_dict, from_dict
 
 LOGIT_LAPLACE_EPS = 0.1  # paper App. A.3: eps = 0.1
 
@@ -147,25 +146,50 @@ class Decoder(nn.Module):
         return self.blocks(z)
 
 
-class DiscreteVAE(nn.Module):
-    """Encoder + decoder; `state_dict` keys are `encoder.<released>` / `decoder.<released>`."""
+@dataclass(frozen=True)
+class DVAEConfig:
+    """The dVAE's architecture (released: 8192 codes, n_hid 256, 2 blocks per group, 4 groups,
+    n_init 128; paper App. A) and the image side it was trained at; stored in its checkpoint."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.config = dict(config)
-        c = self.config
-        self.encoder = Encoder(c["group_count"], c["n_hid"], c["n_blk_per_group"], 3, c["vocab_size"])
-        self.decoder = Decoder(c["group_count"], c["n_init"], c["dec_n_hid"], c["n_blk_per_group"],
-                               3, c["vocab_size"])
+    vocab_size: int
+    n_hid: int
+    n_blk_per_group: int
+    group_count: int  # downsampling 2**(group_count - 1): 8x at 4 groups
+    n_init: int
+    dec_n_hid: int
+    image_size: int
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the dVAE's "
+                             f"downsampling {self.downsample} (group_count {self.group_count})")
 
     @property
     def downsample(self) -> int:
-        return 2 ** (self.config["group_count"] - 1)
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+
+class DiscreteVAE(nn.Module):
+    """Encoder + decoder; `state_dict` keys are `encoder.<released>` / `decoder.<released>`."""
+
+    def __init__(self, config: DVAEConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.encoder = Encoder(c.group_count, c.n_hid, c.n_blk_per_group, 3, c.vocab_size)
+        self.decoder = Decoder(c.group_count, c.n_init, c.dec_n_hid, c.n_blk_per_group, 3,
+                               c.vocab_size)
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
 
     @property
     def vocab_size(self) -> int:
-        return int(self.config["vocab_size"])
-
+        return self.config.vocab_size
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images: float [B, 3, H, W] in [0,1] -> logits [B, K, H/f, W/f]."""
         return self.encoder(map_pixels(images))
@@ -189,53 +213,19 @@ class DiscreteVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(mu))
 
 
-def model_config(cfg: Any, image_size: int) -> dict[str, Any]:
-    """The architecture part of a `DVAE` config section (what a checkpoint must agree on)."""
-    keys = ("vocab_size", "n_hid", "n_blk_per_group", "group_count", "n_init", "dec_n_hid")
-    out = {k: int(getattr(cfg, k)) for k in keys}
-    out["image_size"] = int(image_size)
-    return out
-
-
-def load_dvae(path: str | Path, expected: Mapping[str, Any] | None = None) -> DiscreteVAE:
-    """Read `models/dvae.safetensors` (EMA weights + config) into an eval-mode DiscreteVAE."""
-    from dalle.io import load_checkpoint
-
-    weights, config, _ = load_checkpoint(path, expected_config=expected)
-    model = DiscreteVAE(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise CheckpointError(f"{path} does not match the dVAE config: key {name} is "
-                              f"{'missing' if missing else 'unexpected'}")
+def load_dvae(path: str | Path) -> DiscreteVAE:
+    """The one loader of a dVAE checkpoint (EMA weights + its stored `DVAEConfig`, validated) ->
+    an eval-mode DiscreteVAE."""
+    weights, stored, _ = load_checkpoint(path)
+    model = DiscreteVAE(from_dict(DVAEConfig, stored, str(path)))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path} does not match the dVAE config: {first}") from None
     return model.eval()
 
 
-def as_rgb_uint8(images: np.ndarray, size: int | None, what: str) -> np.ndarray:
-    """Check/convert an image batch to uint8 [N, size, size, 3] (docs/decisions.md, dVAE input).
-
-    Grey or RGBA images are converted to RGB and images of another size are resized (bilinear,
-    antialiased), each with a warning; other dtypes or channel counts are refused in one line.
-    """
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8:
-        raise DataError(f"{what} images have dtype {arr.dtype}; expected uint8 [N, H, W, 3]")
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
-        raise DataError(f"{what} images have shape {arr.shape}; expected [N, H, W, 3] (RGB)")
-    if arr.shape[-1] != 3:
-        log.warning("%s images have %d channels; converting to RGB", what, arr.shape[-1])
-        arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr[..., :3]
-    if size is not None and arr.shape[1:3] != (size, size):
-        log.warning("%s images are %dx%d; resizing to the dVAE's %dx%d", what, arr.shape[1],
-                    arr.shape[2], size, size)
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        arr = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return np.ascontiguousarray(arr)
-
-
-def to_float(images: torch.Tensor, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0,1] in memory format `fmt`."""
-    return images.permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=fmt)
+def dvae_config_dict(model: DiscreteVAE) -> dict[str, Any]:
+    """What a dVAE checkpoint stores as its config."""
+    return as_dict(model.config)

@@ -9,21 +9,64 @@ vocabulary and image outputs only the image vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dalle.errors import CheckpointError
+from dalle.io import load_checkpoint
 from dalle.models.attention import Pattern, SelfAttention, block_layout, layer_kinds, stream_mask
-from dalle.train.grad_scale import BlockScale, scaled_branch
+from dalle.models.config import as_dict, from_dict
 
 KVCache = list[torch.Tensor]  # per layer: keys and values [2, B, H, L, Dh]
 IMPLS = ("auto", "masked", "structured")
 # auto: block layouts from these grids up; below, the masked fused kernel was as fast or faster
 # (fwd + bwd of one layer, 1 thread, measured in docs/benchmarks.md "Structured sparse attention")
 STRUCTURED_MIN_GRID = {"row": 32, "column": 16, "conv": 32}
+ATTENTION = ("sparse", "full")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Everything that builds a `DalleTransformer`; stored in its checkpoint (paper App. B.1)."""
+
+    text_vocab: int  # BPE ids the prior can read and predict (tokenizer.vocab_size: an upper bound)
+    text_len: int  # text positions (paper §2.2: 256)
+    image_vocab: int  # dVAE codes (paper: 8192)
+    grid: int  # image tokens per side (paper: 32)
+    n_layers: int
+    d_model: int
+    n_heads: int
+    mlp_ratio: int
+    attention: str  # sparse (row/column/conv per layer) or full
+    conv_kernel: int  # convolutional mask of the last layer (paper fig. 11: 11)
+    dropout: float
+    checkpointing: bool  # recompute each resblock in the backward pass (paper §2.4)
+    attention_impl: str  # masked | structured | auto: how a sparse layer is computed (exact)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION}")
+        if self.attention_impl not in IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {IMPLS}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.grid * self.grid
+
+
+class BranchScale(Protocol):
+    """What training may put on `ResBlock.grad_scale` (paper §2.4): called as
+    scale(x, branch, *args) -> x + branch(x, *args) with the branch's gradients in its own scale."""
+
+    def __call__(self, x: torch.Tensor, branch: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor: ...
 
 
 class ResBlock(nn.Module):
@@ -35,14 +78,16 @@ class ResBlock(nn.Module):
         self.attn = SelfAttention(d_model, n_heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
                                  nn.Linear(mlp_ratio * d_model, d_model), nn.Dropout(dropout))
-        self.grad_scale: Optional[BlockScale] = None  # set by ResblockScaler (paper §2.4)
+        self.grad_scale: Optional[BranchScale] = None  # set from outside by training (§2.4)
 
     def _branch(self, x: torch.Tensor, mask: Pattern) -> torch.Tensor:
         a = self.attn(self.ln1(x), mask)  # [B, L, D]
         return a + self.mlp(self.ln2(x + a))
 
     def forward(self, x: torch.Tensor, mask: Pattern) -> torch.Tensor:
-        return scaled_branch(self._branch, x, self.grad_scale, mask)
+        if self.grad_scale is None:
+            return x + self._branch(x, mask)
+        return self.grad_scale(x, self._branch, mask)
 
     def prefill(self, x: torch.Tensor, mask: Pattern, cache: torch.Tensor) -> torch.Tensor:
         a = self.attn(self.ln1(x), mask, cache)
@@ -55,22 +100,20 @@ class ResBlock(nn.Module):
 
 
 class DalleTransformer(nn.Module):
-    def __init__(self, text_vocab: int, text_len: int, image_vocab: int, grid: int, n_layers: int,
-                 d_model: int, n_heads: int, mlp_ratio: int = 4, attention: str = "sparse",
-                 conv_kernel: int = 11, dropout: float = 0.0, checkpointing: bool = False,
-                 attention_impl: str = "auto") -> None:
+    def __init__(self, config: PriorConfig) -> None:
         super().__init__()
-        if attention_impl not in IMPLS:
-            raise ValueError(f"unknown attention_impl {attention_impl!r}; expected one of {IMPLS}")
-        self.attention_impl, self.dropout = attention_impl, dropout
+        self.config = c = config
+        text_vocab, text_len, image_vocab, grid = c.text_vocab, c.text_len, c.image_vocab, c.grid
+        d_model, n_layers = c.d_model, c.n_layers
+        self.attention_impl, self.dropout = c.attention_impl, c.dropout
         self.text_vocab, self.text_len, self.image_vocab, self.grid = text_vocab, text_len, image_vocab, grid
-        self.kinds = layer_kinds(n_layers, attention)
-        self.conv_kernel, self.checkpointing = conv_kernel, checkpointing
+        self.kinds = layer_kinds(n_layers, c.attention)
+        self.conv_kernel, self.checkpointing = c.conv_kernel, c.checkpointing
         self.text_emb = nn.Embedding(text_vocab + text_len, d_model)  # + one pad token per position
         self.text_pos = nn.Embedding(text_len, d_model)
         self.image_emb = nn.Embedding(image_vocab, d_model)
         self.row_emb, self.col_emb = nn.Embedding(grid, d_model), nn.Embedding(grid, d_model)
-        blocks = [ResBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers)]
+        blocks = [ResBlock(d_model, c.n_heads, c.mlp_ratio, c.dropout) for _ in range(n_layers)]
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, text_vocab + image_vocab)  # [text | image] vocabularies
@@ -189,24 +232,22 @@ class DalleTransformer(nn.Module):
         return self.ln_f(x[:, -1])
 
 
-def build_prior(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int, grid: int) -> DalleTransformer:
-    """The prior of a `Prior` config section; its resblocks are `model.blocks`."""
-    c = prior_cfg
-    return DalleTransformer(text_vocab, text_len, image_vocab, grid, c.n_layers, c.d_model, c.n_heads,
-                            c.mlp_ratio, c.attention, c.conv_kernel, c.dropout, c.checkpointing,
-                            getattr(c, "attention_impl", "auto"))
+def load_prior(path: str | Path) -> DalleTransformer:
+    """The one loader of a prior checkpoint (EMA weights + config):
+    its stored `PriorConfig` is validated, the model built from it and every tensor checked."""
+    weights, stored, _ = load_checkpoint(path)
+    model = DalleTransformer(from_dict(PriorConfig, stored, str(path)))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path} does not match its own config: {first}") from None
+    return model.eval()
 
 
-def model_config(prior_cfg: Any, text_vocab: int, text_len: int, image_vocab: int, grid: int) -> dict[str, Any]:
-    """What a prior checkpoint records (and is checked against when loaded)."""
-    keys = ("n_layers", "d_model", "n_heads", "mlp_ratio", "attention", "conv_kernel")
-    return {"text_vocab": text_vocab, "text_len": text_len, "image_vocab": image_vocab, "grid": grid,
-            **{k: getattr(prior_cfg, k) for k in keys}}
-
-
-def from_config(cfg: dict[str, Any]) -> DalleTransformer:
-    return DalleTransformer(cfg["text_vocab"], cfg["text_len"], cfg["image_vocab"], cfg["grid"], cfg["n_layers"],
-                            cfg["d_model"], cfg["n_heads"], cfg["mlp_ratio"], cfg["attention"], cfg["conv_kernel"])
+def prior_config_dict(model: DalleTransformer) -> dict[str, Any]:
+    """What a prior checkpoint stores as its config."""
+    return as_dict(model.config)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -2,50 +2,40 @@
 
 Symmetric InfoNCE with a learned temperature (CLIP), AdamW with linear warm-up and cosine decay.
 Caption -> image retrieval top-1 is measured on the val split in groups of
-`clip.retrieval_candidates` (32 on the default: pick the right image among 32). Resumable: a
-training-state checkpoint is written every few log intervals and picked up by a rerun.
+`clip.retrieval_candidates` (32 on the default: pick the right image among 32). The loop
+(dalle.train.loop) makes it resumable, its batch sampler included.
 """
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from dalle.config_sections import Clip, Data, Paths, Tokenizer
+from dalle.catalog import Artefacts, config_json
+from dalle.config_sections import Clip, Tokenizer
+from dalle.data.reader import load_split
+from dalle.data.tokenizer import BPETokenizer, load_tokenizer, tokenize
 from dalle.errors import DataError
-from dalle.io import load_checkpoint, save_checkpoint, write_json
-from dalle.models.clip import ContrastiveModel, contrastive_loss, model_config, uint8_to_float
-from dalle.train.common import cosine_anneal, linear_warmup, rng_state, seed_everything, set_rng_state
+from dalle.io import save_checkpoint, write_json
+from dalle.models.clip import ClipConfig, ContrastiveModel, clip_config_dict, contrastive_loss
+from dalle.models.config import from_section
+from dalle.pixels import to_float
+from dalle.stage import Out, StageSpec
+from dalle.train.common import LocalStrategy, cosine_anneal, linear_warmup, seed_everything
+from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(paths: Paths) -> Any:
-    from dalle.data.tokenizer import BPETokenizer
-
-    return BPETokenizer.load(Path(paths.models) / "tokenizer.json")
-
-
-def tokenize(tokenizer: Any, captions: list[str], text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, lengths = tokenizer.encode_padded(list(captions), text_len, dropout=False)
-    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)  # [N, T], pad -1
-    lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long).clamp(min=1)  # [N]
-    return ids, lengths
-
-
-def load_pairs(paths: Paths, split: str, tokenizer: Any, text_len: int
+def load_pairs(art: Artefacts, split: str, tokenizer: BPETokenizer, text_len: int
                ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    from dalle.data.reader import load_split
-
-    data = load_split(paths, split)
+    """uint8 images [N, H, W, 3], caption ids [N, T] (pad -1) and lengths [N] of one split."""
+    data = load_split(art, split)
     if len(data.images) < 2:
         raise DataError(f"the {split} split has {len(data.images)} images; the contrastive model "
-                        "needs at least 2 (check data/clean)")
+                        f"needs at least 2 (check {art.clean})")
     ids, lengths = tokenize(tokenizer, list(data.captions), text_len)
     return np.asarray(data.images), ids, lengths
 
@@ -61,86 +51,101 @@ def retrieval_top1(model: ContrastiveModel, images: np.ndarray, ids: torch.Tenso
                         f"clip.retrieval_candidates={group}")
     hits = 0
     for s in range(0, n, group):
-        img = model.encode_image(uint8_to_float(images[s:s + group]))  # [G, D]
+        img = model.encode_image(to_float(images[s:s + group]))  # [G, D]
         txt = model.encode_text(ids[s:s + group], lengths[s:s + group])  # [G, D]
         hits += int((txt @ img.t()).argmax(dim=1).eq(torch.arange(group)).sum())
     model.train()
     return hits / n
 
 
-def _lr(cfg: Clip, step: int) -> float:
+def lr_at(cfg: Clip, step: int) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to 1% of clip.lr."""
     warm = max(1, cfg.steps // 20)
     return cfg.lr * linear_warmup(step, warm) * cosine_anneal(step, 1.0, 0.01, cfg.steps)
 
 
-def _resume(path: Path, model: ContrastiveModel, opt: torch.optim.Optimizer, config: dict) -> int:
-    if not path.is_file():
-        return 0
-    weights, _, state = load_checkpoint(path, expected_config=config, with_state=True)
-    model.load_state_dict(weights)
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    log.info("train_clip: resuming from %s at step %d", path, state["step"])
-    return int(state["step"])
+class ClipTrainer:
+    """The contrastive model's optimiser, batch sampler and step."""
 
+    def __init__(self, cfg: Clip, model: ContrastiveModel, pairs: tuple, seed: int) -> None:
+        self.cfg, self.model = cfg, model
+        self.images, self.ids, self.lengths = pairs
+        self.strategy = LocalStrategy()
+        self.strategy.wrap(model)
+        self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
+                                     betas=(0.9, 0.98))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.loss_sum, self.since_log = 0.0, 0
 
-def train_clip(cfg: Clip, data: Data, tok_cfg: Tokenizer, paths: Paths, tracker: Any,
-               seed: int = 0) -> dict[str, Any]:
-    """The `train_clip` stage: models/clip.safetensors + clip.json, metrics/clip.json."""
-    seed_everything(seed)
-    tokenizer = load_tokenizer(paths)
-    images, ids, lengths = load_pairs(paths, "train", tokenizer, tok_cfg.text_len)
-    config = model_config(cfg, data.image_size, tok_cfg.vocab_size, tok_cfg.text_len)
-    model = ContrastiveModel(config, cfg.temperature_init)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    other = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    models_dir = Path(paths.models)
-    state_path = models_dir / "clip.state.safetensors"
-    start = _resume(state_path, model, opt, config)
-    gen = torch.Generator().manual_seed(seed + start)
-    t0, loss_sum = time.perf_counter(), 0.0
-    bar = tqdm(range(start, cfg.steps), desc="train_clip", unit="step", initial=start, total=cfg.steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
-        idx = torch.randint(len(images), (min(cfg.batch_size, len(images)),), generator=gen)
-        img = model.encode_image(uint8_to_float(images[idx.numpy()]))  # [B, D]
-        txt = model.encode_text(ids[idx], lengths[idx])  # [B, D]
-        loss = contrastive_loss(img, txt, model.scale())
-        opt.zero_grad(set_to_none=True)
+    def step(self, i: int) -> StepOut:
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.cfg, i)
+        idx = torch.randint(len(self.images), (min(self.cfg.batch_size, len(self.images)),),
+                            generator=self.gen)
+        img = self.model.encode_image(to_float(self.images[idx.numpy()]))  # [B, D]
+        txt = self.model.encode_text(self.ids[idx], self.lengths[idx])  # [B, D]
+        loss = contrastive_loss(img, txt, self.model.scale())
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        loss_sum += loss.item()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            n = (step % cfg.log_every) + 1
-            tracker.log_metrics({"loss": loss_sum / n, "logit_scale": model.scale().item(),
-                                 "lr": _lr(cfg, step)}, step=step + 1)
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}")
-            loss_sum = 0.0
-            if (step + 1) % (5 * cfg.log_every) == 0 and step + 1 < cfg.steps:
-                save_checkpoint(state_path, model.state_dict(), config,
-                                {"optimizer": opt.state_dict(), "rng": rng_state(), "step": step + 1})
-    seconds = time.perf_counter() - t0
-    return _finish(cfg, model, config, paths, tokenizer, tok_cfg, tracker, seconds, state_path)
+        self.opt.step()
+        self.loss_sum, self.since_log = self.loss_sum + loss.item(), self.since_log + 1
+        return StepOut(True, {"lr": lr_at(self.cfg, i)}, len(idx))
+
+    def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
+        row = {"loss": self.loss_sum / max(1, self.since_log), "logit_scale": self.model.scale().item(),
+               "lr": out.stats["lr"]}
+        self.loss_sum, self.since_log = 0.0, 0
+        return row
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"sampler": self.gen.get_state(), "loss_sum": self.loss_sum, "since_log": self.since_log}
+
+    def load_extra(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["sampler"])
+        self.loss_sum, self.since_log = float(state["loss_sum"]), int(state["since_log"])
 
 
-def _finish(cfg: Clip, model: ContrastiveModel, config: dict, paths: Paths, tokenizer: Any,
-            tok_cfg: Tokenizer, tracker: Any, seconds: float, state_path: Path) -> dict[str, Any]:
-    val_images, val_ids, val_len = load_pairs(paths, "val", tokenizer, tok_cfg.text_len)
+def train_clip(art: Artefacts, tracker: Any, clip: Clip, image_size: int, tokenizer: Tokenizer,
+               seed: int) -> dict[str, Any]:
+    """The `train_clip` stage: the contrastive model, its config and metrics."""
+    cfg, tok_cfg = clip, tokenizer
+    seed_everything(seed)
+    bpe = load_tokenizer(art.tokenizer)
+    pairs = load_pairs(art, "train", bpe, tok_cfg.text_len)
+    config = from_section(ClipConfig, cfg, image_size=image_size, vocab_size=tok_cfg.vocab_size,
+                          text_len=tok_cfg.text_len)
+    trainer = ClipTrainer(cfg, ContrastiveModel(config), pairs, seed)
+    loop = Loop("train_clip", trainer.model, trainer.opt, trainer.strategy,
+                Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
+                LocalStore(art.clip_state, clip_config_dict(trainer.model)), tracker,
+                trainer.step, trainer.log_row, postfix=lambda r: {"loss": f"{r['loss']:.3f}"},
+                extra_state=trainer.extra_state, load_extra=trainer.load_extra)
+    seconds, _ = loop.run()
+    model = trainer.model
+    if cfg.ema_decay > 0:
+        model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
+    val_images, val_ids, val_len = load_pairs(art, "val", bpe, tok_cfg.text_len)
     top1 = retrieval_top1(model, val_images, val_ids, val_len, cfg.retrieval_candidates)
-    models_dir = Path(paths.models)
-    ckpt = save_checkpoint(models_dir / "clip.safetensors", model.state_dict(), config)
-    write_json(models_dir / "clip.json", config)
-    state_path.unlink(missing_ok=True)
+    save_checkpoint(art.clip, model.state_dict(), clip_config_dict(model))
+    write_json(config_json(art.clip), clip_config_dict(model))
+    loop.store.remove()
     metrics = {"retrieval_top1": round(top1, 4), "retrieval_candidates": cfg.retrieval_candidates,
                "chance": round(1.0 / cfg.retrieval_candidates, 4),
                "logit_scale": round(model.scale().item(), 3), "train_seconds": round(seconds, 1),
                "params": sum(p.numel() for p in model.parameters())}
-    write_json(Path(paths.metrics) / "clip.json", metrics)
+    write_json(art.metrics("clip"), metrics)
     tracker.log_metrics({"retrieval_top1": top1}, step=cfg.steps)
-    tracker.register_model("dalle-clip", [ckpt, models_dir / "clip.json"],
+    tracker.register_model("dalle-clip", [art.clip, config_json(art.clip)],
                            description=f"contrastive reranker, val top-1 {top1:.3f}")
     log.info("train_clip: val caption->image top-1 among %d = %.3f", cfg.retrieval_candidates, top1)
     return metrics
+
+
+STAGE = StageSpec(
+    name="train_clip", fn=train_clip,
+    params=("clip", "data.image_size", "tokenizer", "seed"),
+    inputs=lambda a: (a.tokenizer, a.clean, a.raw),
+    outputs=lambda a: (Out(a.clip), Out(config_json(a.clip)), Out(a.curves("train_clip"), cache=False),
+                       Out(a.metrics("clip"), metric=True)),
+    summary="the contrastive reranker (§2.6)",
+)

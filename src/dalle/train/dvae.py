@@ -1,33 +1,32 @@
-"""Training the discrete VAE (paper §2.1, App. A.2): the `train_dvae` stage's library function.
+"""Training the discrete VAE (paper §2.1, App. A.2): the `train_dvae` stage.
 
 Gumbel-softmax relaxation with tau cosine-annealed tau_start -> tau_final over tau_frac of the steps,
 KL weight beta cosine-annealed 0 -> kl_max over kl_frac, AdamW with lr cosine-annealed lr -> lr_final
 over lr_frac, and an EMA of the weights (exponentially weighted iterate averaging) which is what is
-saved. A training-state checkpoint (model, EMA, optimiser, step, RNG) lets a killed run continue
-with its schedules where they were; the data order is a function of (seed, step).
+saved. The loop (dalle.train.loop) resumes a killed run with its schedules where they were; the
+data order is a function of (seed, step).
 """
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from dalle.config_sections import DVAE, Paths
-from dalle.errors import CheckpointError, DataError
-from dalle.io import load_checkpoint, remove_checkpoint, save_checkpoint, write_json
-from dalle.models.dvae import DiscreteVAE, as_rgb_uint8, model_config, to_float
-from dalle.train.common import EMA, cosine_anneal, resolve_device, rng_state, seed_everything, set_rng_state
+from dalle.catalog import Artefacts, config_json
+from dalle.config_sections import DVAE
+from dalle.data.reader import load_split
+from dalle.errors import DataError
+from dalle.io import write_json
+from dalle.models.config import from_section
+from dalle.models.dvae import DiscreteVAE, DVAEConfig
+from dalle.pixels import as_rgb_uint8, to_float
+from dalle.stage import Out, StageSpec
+from dalle.train.common import LocalStrategy, cosine_anneal, resolve_device, seed_everything
 from dalle.train.dvae_eval import evaluate_dvae, save_dvae
 from dalle.train.dvae_loss import codebook_usage, elb_terms
+from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 
-
-log = logging.getLogger("dalle.dvae")
-STATE_FILE = "dvae_train_state.safetensors"
 _NOT_IN_RESUME_CHECK = ("log_every", "checkpoint_every", "threads", "channels_last", "device")
 
 
@@ -53,112 +52,90 @@ def _resume_config(cfg: DVAE, image_size: int, seed: int) -> dict[str, Any]:
     return {**out, "image_size": image_size, "seed": seed}
 
 
-def _load_images(paths: Paths, split: str) -> tuple[np.ndarray, list[str]]:
-    from dalle.data.reader import load_split
-
-    data = load_split(paths, split)
+def _images(art: Artefacts, split: str) -> tuple[np.ndarray, list[str]]:
+    data = load_split(art, split)
     if len(data.keys) == 0:
-        raise DataError(f"the {split} split under {paths.clean} is empty; run collect/dedup first")
+        raise DataError(f"the {split} split under {art.clean} is empty; run collect/dedup first")
     return np.asarray(data.images), list(data.captions)
 
 
-class _Trainer:
-    def __init__(self, cfg: DVAE, image_size: int, seed: int, state_path: Path) -> None:
-        self.cfg, self.state_path = cfg, state_path
-        self.model = DiscreteVAE(model_config(cfg, image_size))
+class DVAETrainer:
+    """The dVAE's model, optimiser and step; the loop around it is dalle.train.loop."""
+
+    def __init__(self, cfg: DVAE, train: torch.Tensor, seed: int) -> None:
+        self.cfg, self.train, self.seed = cfg, train, seed  # train: uint8 [N, H, W, 3]
+        self.model = DiscreteVAE(from_section(DVAEConfig, cfg, image_size=int(train.shape[1])))
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.zero_init_logits:  # all codes start equal: no code wins by the input's DC term
             torch.nn.init.zeros_(self.model.encoder.blocks.output.conv.w)
         self.device = resolve_device(cfg.device)
         self.model.to(self.device, memory_format=self.fmt)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                     eps=1e-8, weight_decay=cfg.weight_decay)  # paper App. A.2
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.step = 0
-        self.check = _resume_config(cfg, image_size, seed)
+        self.strategy = LocalStrategy()
+        self.strategy.wrap(self.model)
+        self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
+                                     betas=(0.9, 0.999), eps=1e-8)  # paper App. A.2
 
-    def save_state(self) -> None:
-        state = {"optimizer": self.opt.state_dict(), "ema": self.ema.state_dict(),
-                 "step": self.step, "rng": rng_state()}
-        save_checkpoint(self.state_path, self.model.state_dict(), self.check, state=state)
-
-    def try_resume(self) -> bool:
-        if not self.state_path.exists():
-            return False
-        try:
-            weights, _, state = load_checkpoint(self.state_path, self.check, with_state=True)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc.one_line()} (delete it to start over)") from None
-        self.model.load_state_dict(weights)
-        self.opt.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        return True
-
-    def train_step(self, images: torch.Tensor) -> dict[str, Any]:
-        sched = schedules(self.cfg, self.step)
+    def step(self, i: int) -> StepOut:
+        cfg = self.cfg
+        idx = batch_indices(len(self.train), cfg.batch_size, i, self.seed)
+        images = to_float(self.train[idx].to(self.device), self.fmt)  # [B, 3, H, W]
+        sched = schedules(cfg, i)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
-        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], self.cfg.straight_through,
-                          self.cfg.usage_weight)
+        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], cfg.straight_through,
+                          cfg.usage_weight)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         self.opt.step()
-        self.ema.update(self.model)
-        self.step += 1
-        return {"terms": terms, **sched}
+        return StepOut(True, {"terms": terms, **sched}, len(idx))
+
+    def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
+        t = out.stats["terms"]
+        row = {"loss": float(t.loss.detach()), "nll_per_dim": float(t.nll), "kl_per_dim": float(t.kl),
+               "elb_per_dim": -float(t.nll + t.kl), "recon_mse": float(t.mse),
+               "tau": out.stats["tau"], "beta": out.stats["beta"], "lr": out.stats["lr"],
+               "images_per_s": images_per_s}
+        row.update({f"batch_{k}": v for k, v in codebook_usage(t.codes, self.cfg.vocab_size).items()})
+        return row
 
 
-def _log_row(out: dict[str, Any], vocab: int, step: int, images_per_s: float) -> dict[str, float]:
-    t = out["terms"]
-    row = {"loss": float(t.loss.detach()), "nll_per_dim": float(t.nll), "kl_per_dim": float(t.kl),
-           "elb_per_dim": -float(t.nll + t.kl), "recon_mse": float(t.mse), "tau": out["tau"],
-           "beta": out["beta"], "lr": out["lr"], "images_per_s": images_per_s}
-    row.update({f"batch_{k}": v for k, v in codebook_usage(t.codes, vocab).items()})
-    return row
-
-
-def train_dvae(cfg: DVAE, paths: Paths, tracker: Any, seed: int = 0,
-               train_images: Optional[np.ndarray] = None,
-               val: Optional[tuple[np.ndarray, list[str]]] = None) -> dict[str, Any]:
-    """Train on the clean train split; write models/dvae.safetensors (EMA) + dvae.json + metrics."""
+def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, seed: int) -> dict[str, Any]:
+    """Train on the clean train split; write the dVAE (EMA weights) + its config + metrics."""
+    cfg = dvae
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(seed)
-    train_np = train_images if train_images is not None else _load_images(paths, "train")[0]
-    train = torch.from_numpy(as_rgb_uint8(train_np, None, "train"))  # [N, H, W, 3] uint8
+    train = torch.from_numpy(as_rgb_uint8(_images(art, "train")[0], None, "train"))  # [N, H, W, 3]
     image_size = int(train.shape[1])
     if train.shape[1] != train.shape[2] or image_size % (2 ** (cfg.group_count - 1)):
         raise DataError(f"train images are {tuple(train.shape[1:3])}; the dVAE needs square images "
                         f"whose side divides by {2 ** (cfg.group_count - 1)} (dvae.group_count)")
-    trainer = _Trainer(cfg, image_size, seed, Path(paths.models) / STATE_FILE)
-    if trainer.try_resume():
-        log.info("resuming dVAE training at step %d of %d", trainer.step, cfg.steps)
+    trainer = DVAETrainer(cfg, train, seed)
     tracker.log_params({"dvae_params": sum(p.numel() for p in trainer.model.parameters())})
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="train_dvae", unit="step")
-    t0, n0 = time.perf_counter(), trainer.step
-    while trainer.step < cfg.steps:
-        idx = batch_indices(len(train), cfg.batch_size, trainer.step, seed)
-        out = trainer.train_step(to_float(train[idx].to(trainer.device), trainer.fmt))
-        bar.update(1)
-        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-            rate = (trainer.step - n0) * cfg.batch_size / (time.perf_counter() - t0)
-            row = _log_row(out, cfg.vocab_size, trainer.step, rate)
-            tracker.log_metrics(row, step=trainer.step)
-            bar.set_postfix(mse=f"{row['recon_mse']:.4f}", ppl=f"{row['batch_perplexity']:.0f}")
-        if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps:
-            trainer.save_state()
-    bar.close()
-    train_s = time.perf_counter() - t0
-    trainer.ema.copy_to(trainer.model)  # the EMA weights are what is saved and used
-    model = trainer.model.cpu().eval()
-    val_np, val_captions = val if val is not None else _load_images(paths, "val")
-    metrics = evaluate_dvae(model, val_np, val_captions, paths, tracker)
-    metrics.update({"train_seconds": round(train_s, 2), "steps": cfg.steps, "image_size": image_size})
-    save_dvae(model, Path(paths.models) / "dvae.safetensors", tracker)
-    write_json(Path(paths.metrics) / "dvae.json", metrics)
+    loop = Loop("train_dvae", trainer.model, trainer.opt, trainer.strategy,
+                Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
+                LocalStore(art.dvae_state, _resume_config(cfg, image_size, seed)), tracker,
+                trainer.step, trainer.log_row,
+                postfix=lambda r: {"mse": f"{r['recon_mse']:.4f}", "ppl": f"{r['batch_perplexity']:.0f}"})
+    seconds, _ = loop.run()
+    model = trainer.model  # the EMA weights are what is saved and used
+    model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
+    model = model.cpu().eval()
+    val_images, val_captions = _images(art, "val")
+    metrics = evaluate_dvae(model, val_images, val_captions, art.dvae_recon, tracker)
+    metrics.update({"train_seconds": round(seconds, 2), "steps": cfg.steps, "image_size": image_size})
+    save_dvae(model, art.dvae, tracker)
+    write_json(art.metrics("dvae"), metrics)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float))}, step=cfg.steps)
-    remove_checkpoint(trainer.state_path)  # done (and its .prev): a rerun with new params starts afresh
+    loop.store.remove()
     return metrics
+
+
+STAGE = StageSpec(
+    name="train_dvae", fn=train_dvae, params=("dvae", "seed"),
+    inputs=lambda a: (a.clean, a.raw),
+    outputs=lambda a: (Out(a.dvae), Out(config_json(a.dvae)), Out(a.dvae_recon),
+                       Out(a.curves("train_dvae"), cache=False), Out(a.metrics("dvae"), metric=True)),
+    summary="the dVAE with gumbel-softmax, logit-Laplace, β and τ annealing, EMA (§2.1, App. A)",
+)

@@ -17,12 +17,16 @@ from torch import nn
 
 
 class BlockScale:
-    """Scale and non-finite flag of one resblock (not a parameter or buffer: a plain attribute)."""
+    """Scale and non-finite flag of one resblock (not a parameter or buffer: a plain attribute).
+    Put on a resblock's `grad_scale`, it computes x + branch(x) with the branch in its scale."""
 
     def __init__(self, scale: float) -> None:
         self.scale = float(scale)
         self.bad = torch.zeros((), dtype=torch.bool)  # any non-finite gradient since last update
         self.clean_steps = 0
+
+    def __call__(self, x: torch.Tensor, branch: Any, *args: Any) -> torch.Tensor:
+        return scaled_branch(branch, x, self, *args)
 
 
 class _Exit(torch.autograd.Function):

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from dalle.data.tokenizer import load_tokenizer
 from dalle.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -91,19 +92,17 @@ class CaptionDropout:
     """Re-encodes captions with BPE dropout (paper §2.2 fn. 5: 10%) using dalle.data.tokenizer."""
 
     def __init__(self, tokenizer_path: Path, text_len: int, rate: float) -> None:
-        from dalle.data.tokenizer import BPETokenizer
-
-        self.tok = BPETokenizer.load(tokenizer_path, dropout=rate)
+        self.tok = load_tokenizer(tokenizer_path, dropout=rate)
         self.text_len = text_len
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tok.encode_padded(captions, self.text_len, dropout=True)  # [B, T], [B]
 
 
-def make_caption_dropout(models_dir: str | Path, data: TokenSet, text_len: int,
+def make_caption_dropout(path: Path, data: TokenSet, text_len: int,
                          rate: float = 0.1) -> Optional[CaptionDropout]:
-    """BPE dropout when the tokenizer and the captions exist; otherwise the stored tokens (logged)."""
-    path = Path(models_dir) / "tokenizer.json"
+    """BPE dropout when the tokenizer (at `path`) and the captions exist; otherwise the stored
+    tokens (logged)."""
     if not data.captions or not path.is_file():
         log.warning("BPE dropout off: %s", "no captions in the tokens npz" if not data.captions else f"{path} missing")
         return None

@@ -1,8 +1,5 @@
-"""Pieces of the prior's training step (paper §2.2, §2.4, App. B.2), importable one by one.
-
-The distributed trainer reuses them: `prior_loss`, `lr_at`, `make_optimizer`, `autocast_for`, and
-the strategy hooks of `LocalStrategy` (the same names as dalle.distributed.strategy.ShardedStrategy).
-"""
+"""Pieces of the prior's training step (paper §2.2, §2.4, App. B.2), importable one by one:
+`prior_loss`, `lr_at`, `make_optimizer`, `autocast_for`, `model_flops_per_step`."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.models.transformer import DalleTransformer
-from dalle.train.common import EMA, cosine_anneal, linear_warmup
+from dalle.train.common import cosine_anneal, linear_warmup, param_groups
 
 
 def prior_loss(model: nn.Module, text_ids: torch.Tensor, text_lengths: torch.Tensor,
@@ -46,23 +43,9 @@ def lr_at(step: int, cfg: Any) -> float:
     return decay * linear_warmup(step, cfg.warmup_steps)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decoupled weight decay on weight matrices only, not gains, biases or embeddings (App. B.2)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            wants = isinstance(module, nn.Linear) and name == "weight"
-            (decay if wants else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(params: Any, cfg: Any) -> torch.optim.AdamW:
-    """AdamW β = (0.9, 0.96), eps 1e-8, weight decay 4.5e-2 (App. B.2); params: a module or groups."""
+    """AdamW β = (0.9, 0.96), eps 1e-8, weight decay 4.5e-2 (App. B.2); params: a module (the one
+    weight-decay rule of dalle.train.common picks its groups) or groups."""
     groups = param_groups(params, cfg.weight_decay) if isinstance(params, nn.Module) else params
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
@@ -74,62 +57,6 @@ def autocast_for(precision: str, device: torch.device) -> ContextManager[Any]:
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" and device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-class LocalStrategy:
-    """Single-process default of the strategy hooks the loop calls (see ShardedStrategy)."""
-
-    rank, size, is_chief = 0, 1, True
-
-    def __init__(self) -> None:
-        self.model: nn.Module | None = None
-        self.ema: EMA | None = None
-
-    def batch_slice(self, batch_size: int) -> slice:
-        return slice(0, batch_size)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        self.model = model
-        return model
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        assert self.model is not None
-        return param_groups(self.model, weight_decay)
-
-    def before_forward(self) -> None: ...
-
-    def after_backward(self) -> None: ...
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        assert self.model is not None
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-
-    def mean(self, value: float) -> float:
-        return value
-
-    def ema_update(self, decay: float) -> None:
-        assert self.model is not None
-        if self.ema is None:
-            self.ema = EMA(self.model, decay)
-        self.ema.decay = decay  # a resumed EMA is rebuilt before the decay is known
-        self.ema.update(self.model)
-
-    def full_state_dict(self, model: nn.Module, ema: bool = False) -> dict[str, torch.Tensor]:
-        if ema and self.ema is not None:
-            return {k: v.clone() for k, v in self.ema.state_dict().items()}
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict() if self.ema is not None else {}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.model is not None
-        if state.get("ema"):
-            self.ema = EMA(self.model, 0.0)
-            self.ema.load_state_dict(state["ema"])
-
-    def agree_min(self, value: int) -> int:
-        return value
 
 
 def model_flops_per_step(model: DalleTransformer, batch: int) -> float:
