@@ -1,6 +1,6 @@
 """The project's error types: each carries one line a user can act on.
 
-Stage entry points (`dalle.runner.stage_main`) and the CLI catch `DalleError`, print
+Stage entry points (`dalle.stage.StageSpec.main`) and the CLI catch `DalleError`, print
 `error: <message>` on one line and exit 1; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations

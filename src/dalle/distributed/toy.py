@@ -8,7 +8,7 @@ every rank has.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -115,7 +115,3 @@ def _state_bytes(strategy: ShardedStrategy, opt: torch.optim.Optimizer) -> int:
     tensors += [t for p in strategy.parameters() for t in opt.state[p].values()
                 if torch.is_tensor(t) and t.ndim]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def config_dict(cfg: ToyConfig) -> dict:
-    return asdict(cfg)
