@@ -159,6 +159,7 @@ class DVAE(Section):
     channels_last: bool
     threads: int = Field(ge=0)  # 0: torch default
     device: Device
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: measured per machine
 
 
 class Encode(Section):
@@ -192,7 +193,9 @@ class Prior(Section):
     ema_decay: float = Field(ge=0, lt=1)
     loss_text_weight: float = Field(ge=0)  # paper §2.2: text x 1/8
     loss_image_weight: float = Field(ge=0)  # paper §2.2: image x 7/8
-    precision: Literal["fp32", "bf16", "fp16"]  # fp16 + per-resblock scaling on GPU
+    # auto: measured per machine (dalle.precision); 16-bit runs with per-resblock scaling (§2.4)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    store_16bit: bool  # §2.4: resblock matrices + Adam moments in 16-bit (dalle.train.half)
     grad_scale_init: float = Field(gt=0)  # paper App. D
     grad_scale_growth_interval: int = Field(gt=0)
     log_every: int = Field(gt=0)
@@ -246,6 +249,7 @@ class Clip(Section):
     ema_decay: float = Field(ge=0, lt=1)  # 0: no weight averaging (CLIP keeps its last weights)
     log_every: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: measured per machine
 
 
 class Rerank(Section):
@@ -261,6 +265,7 @@ class Generate(Section):
     top_k: int = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     batch_size: int = Field(gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # the prior's autocast while sampling
 
     @model_validator(mode="after")
     def _keep_le_candidates(self) -> "Generate":

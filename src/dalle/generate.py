@@ -31,6 +31,7 @@ from dalle.pixels import grid, to_uint8
 from dalle.rerank import Reranker, load_reranker, top_k
 from dalle.sample import sample_image_tokens
 from dalle.stage import Out, StageSpec
+from dalle.train import precision_choice
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids, lengths -> [B*N, G]
 
@@ -131,10 +132,12 @@ def generate(art: Artefacts, tracker: Any, generate: Generate, rerank: Rerank, s
     reranker = load_reranker(rerank, art)
     ids, lengths = tokenize(models.tokenizer, captions["caption"].tolist(), models.prior.text_len)
     gen = torch.Generator().manual_seed(seed)
+    choice = precision_choice.for_sampling(cfg.precision, models.prior, ids[:1], lengths[:1],
+                                           min(cfg.batch_size, cfg.candidates), sample_image_tokens)
 
     def sample(i: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return sample_image_tokens(models.prior, i, n, cfg.candidates, cfg.temperature, cfg.top_k,
-                                   cfg.top_p, cfg.batch_size, gen)
+                                   cfg.top_p, cfg.batch_size, gen, precision=choice.precision)
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -145,7 +148,7 @@ def generate(art: Artefacts, tracker: Any, generate: Generate, rerank: Rerank, s
         index = write_samples(tmp, art, captions, tokens, scores, kept, cfg.keep)
     metrics = {"captions": len(captions), "candidates": cfg.candidates, "keep": cfg.keep,
                "images_sampled": int(tokens.shape[0] * tokens.shape[1]),
-               "seconds": round(seconds, 1), "reranker": reranker.name,
+               "seconds": round(seconds, 1), "reranker": reranker.name, "precision": choice.precision,
                "score_best_mean": round(float(scores.max(1).mean()), 4),
                "score_mean": round(float(scores.mean()), 4)}
     write_json(art.metrics("generate"), metrics)

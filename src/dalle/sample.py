@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dalle.models.transformer import DalleTransformer
+from dalle.precision import autocast
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -40,22 +41,32 @@ def _decode_cached(model: DalleTransformer, text_ids: torch.Tensor, lengths: tor
     """One batch: text [b, T], prime [b, R] -> image tokens [b, N]. Everything a step needs but
     the new token is prepared once: the KV cache, every layer's key indices per position, the
     image position embeddings and the image half of the output head."""
-    n, t, dev = model.grid * model.grid, model.text_len, text_ids.device
+    n, t, dev = model.grid * model.grid, model.image_start, text_ids.device  # t: image 0's position
     out = torch.empty(text_ids.shape[0], n, dtype=torch.long, device=dev)
     out[:, :prime.shape[1]] = prime
-    cache = model.new_cache(text_ids.shape[0], dev, model.head.weight.dtype)
+    cache = model.new_cache(text_ids.shape[0], dev, _cache_dtype(model, dev))
     tables = [model.key_table(kind, dev) for kind in model.kinds]
     pos_emb = model.image_positions(0, n, dev)  # [1, N, D]
-    w_img, b_img = model.head.weight[model.text_vocab:].contiguous(), model.head.bias[model.text_vocab:].contiguous()
-    x = torch.cat([model.embed_text(text_ids, lengths), model.embed_image(prime)], 1)  # [b, T+R, D]
+    w_img = model.head.weight[model.text_vocab:].float().t().contiguous()  # [D, Vi], fp32 logits
+    b_img = model.head.bias[model.text_vocab:].float().contiguous()
+    x = torch.cat([model.embed_prefix(text_ids, lengths), model.embed_image(prime)], 1)  # [b, T+1+R, D]
     h = model.prefill(x, cache)  # [b, D]
     for i in range(prime.shape[1], n):
-        tok = draw(torch.addmm(b_img, h, w_img.t()))  # [b, 1]
+        with torch.autocast(dev.type, enabled=False):
+            tok = draw(torch.addmm(b_img, h.float(), w_img))  # [b, 1]
         out[:, i:i + 1] = tok
         if i + 1 < n:
             x = model.image_emb(tok) + pos_emb[:, i:i + 1]  # [b, 1, D]
             h = model.step(x, t + i, cache, [table[t + i] for table in tables])
     return out
+
+
+def _cache_dtype(model: DalleTransformer, device: torch.device) -> torch.dtype:
+    """Keys and values are cached in the dtype the attention computes them in (16-bit under
+    autocast)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.head.weight.dtype
 
 
 def _decode_uncached(model: DalleTransformer, text_ids: torch.Tensor, lengths: torch.Tensor,
@@ -73,11 +84,12 @@ def sample_image_tokens(model: DalleTransformer, text_ids: torch.Tensor, text_le
                         n_per_caption: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         batch_size: int = 16, generator: Optional[torch.Generator] = None,
                         prime_tokens: Optional[torch.Tensor] = None, cached: bool = True,
-                        progress: bool = False) -> torch.Tensor:
+                        progress: bool = False, precision: str = "fp32") -> torch.Tensor:
     """Captions text_ids [B, T] (pad -1), lengths [B] -> image tokens LongTensor [B*n, grid²].
 
     Rows are caption-major (caption 0's n candidates first). prime_tokens [B, R] (paper §3.3:
-    the first R rows of an image) are kept and the remaining positions sampled.
+    the first R rows of an image) are kept and the remaining positions sampled. `precision`
+    (a resolved one: fp32, bf16, fp16) is the autocast of the transformer; logits stay fp32.
     """
     model.eval()
     device = model.head.weight.device
@@ -93,5 +105,6 @@ def sample_image_tokens(model: DalleTransformer, text_ids: torch.Tensor, text_le
     chunks = []
     for s in tqdm(range(0, ids.shape[0], batch_size), desc="sampling", unit="batch", disable=not progress):
         e = s + batch_size
-        chunks.append(decode(model, ids[s:e], lengths[s:e], prime[s:e], draw))
+        with autocast(precision, device):
+            chunks.append(decode(model, ids[s:e], lengths[s:e], prime[s:e], draw))
     return torch.cat(chunks, 0)

@@ -92,7 +92,7 @@ def test_decoding_key_tables_are_the_mask_rows(kind: str) -> None:
     m = DalleTransformer(prior_config(text_vocab=10, text_len=3, image_vocab=8, grid=5, n_layers=1,
                                       d_model=8, n_heads=1, conv_kernel=3))
     table = m.key_table(kind, torch.device("cpu"))
-    mask = brute_stream(kind, 3, 5, 3)
+    mask = brute_stream(kind, 3 + 1, 5, 3)  # text, then the start-of-image token, causal with it
     assert len(table) == m.seq_len
     for p, keys in enumerate(table):
         assert keys.tolist() == mask[p].nonzero().squeeze(1).tolist(), p

@@ -256,6 +256,13 @@ class Prefetcher:
         self.pending.clear()
 
 
+def autocast_state(device_type: str) -> dict[str, Any]:
+    """The autocast state in force on `device_type`, as torch.autocast keyword arguments (what
+    torch.utils.checkpoint restores for its recompute: 16-bit forward, 16-bit recompute)."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
 class _GatherCompute(torch.autograd.Function):
     """y = block(x, *args) with the block's parameters gathered from the slices `pieces`."""
 
@@ -264,6 +271,7 @@ class _GatherCompute(torch.autograd.Function):
                 n_pieces: int, *rest: Any) -> torch.Tensor:
         args = rest[n_pieces:]  # rest = (*pieces, *args): pieces are inputs only for their grads
         ctx.block, ctx.args, ctx.kwargs, ctx.n_pieces = block, args, kwargs, n_pieces
+        ctx.autocast = autocast_state(x.device.type)  # the recompute runs as the forward did (§2.4)
         ctx.save_for_backward(x)
         params = block.prefetcher.full_params(block.index, +1)
         with torch.no_grad():
@@ -277,7 +285,7 @@ class _GatherCompute(torch.autograd.Function):
         params = {k: v.requires_grad_() for k, v in
                   block.prefetcher.full_params(block.index, -1).items()}
         x = x.detach().requires_grad_(x.requires_grad)
-        with torch.enable_grad():  # recompute the block (activation checkpointing, §2.4)
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):  # recompute (checkpointing, §2.4)
             out = functional_call(block.inner, params, (x, *ctx.args), ctx.kwargs)
         inputs = ([x] if x.requires_grad else []) + list(params.values())
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)

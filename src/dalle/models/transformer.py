@@ -1,10 +1,12 @@
 """The sparse transformer prior over [text | image] tokens (paper §2.2, App. B.1).
 
-Stream: text tokens (text_len, BPE vocab; positions past the caption hold a learned padding
-token per position, paper §2.2) then image tokens (grid², dVAE vocab) with row + column position
-embeddings. Input is the stream minus its last token; the output at position p predicts token
-p + 1, so the last text position predicts the first image token. Text outputs score only the text
-vocabulary and image outputs only the image vocabulary.
+Stream (paper §2.2): text tokens (text_len, BPE vocab; positions past the caption hold a learned
+padding token per position), a learned start-of-image token, then image tokens (grid², dVAE vocab)
+with row + column position embeddings. Input is the stream minus its last token; the output at
+position p predicts token p + 1, so the start-of-image position predicts the first image token
+(the last text position's output predicts the start-of-image token itself and is not scored).
+Text outputs score only the text vocabulary and image outputs only the image vocabulary; logits
+are computed in fp32 whatever the autocast state (the loss and the softmax read them in 32-bit).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class PriorConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.text_len + self.grid * self.grid
+        return self.text_len + 1 + self.grid * self.grid  # text | start-of-image | image
 
 
 class BranchScale(Protocol):
@@ -107,10 +109,12 @@ class DalleTransformer(nn.Module):
         d_model, n_layers = c.d_model, c.n_layers
         self.attention_impl, self.dropout = c.attention_impl, c.dropout
         self.text_vocab, self.text_len, self.image_vocab, self.grid = text_vocab, text_len, image_vocab, grid
+        self.image_start = text_len + 1  # stream position of image token 0 (after start-of-image)
         self.kinds = layer_kinds(n_layers, c.attention)
         self.conv_kernel, self.checkpointing = c.conv_kernel, c.checkpointing
         self.text_emb = nn.Embedding(text_vocab + text_len, d_model)  # + one pad token per position
         self.text_pos = nn.Embedding(text_len, d_model)
+        self.soi = nn.Embedding(1, d_model)  # the start-of-image token (§2.2), its own position
         self.image_emb = nn.Embedding(image_vocab, d_model)
         self.row_emb, self.col_emb = nn.Embedding(grid, d_model), nn.Embedding(grid, d_model)
         blocks = [ResBlock(d_model, c.n_heads, c.mlp_ratio, c.dropout) for _ in range(n_layers)]
@@ -137,13 +141,15 @@ class DalleTransformer(nn.Module):
 
     @property
     def seq_len(self) -> int:
-        return self.text_len + self.grid * self.grid
+        return self.config.seq_len
 
     def mask(self, kind: str, device: torch.device) -> torch.Tensor:
         """Bool [T+N, T+N] stream mask of one pattern, cached per device (not in the state dict)."""
         key = (kind, str(device))
         if key not in self._masks:
-            self._masks[key] = stream_mask(kind, self.text_len, self.grid, self.conv_kernel).to(device)
+            # the start-of-image position is the last "text" position of the mask: causal among
+            # the text before it, attended by every image position
+            self._masks[key] = stream_mask(kind, self.image_start, self.grid, self.conv_kernel).to(device)
         return self._masks[key]
 
     def structured(self, kind: str, device: torch.device) -> bool:
@@ -156,9 +162,9 @@ class DalleTransformer(nn.Module):
 
     def pattern(self, kind: str, length: int, device: torch.device) -> Pattern:
         """What a `kind` layer attends with over a stream prefix of `length` positions."""
-        if length > self.text_len and self.structured(kind, device):
-            rows = -(-(length - self.text_len) // self.grid)
-            return block_layout(kind, self.text_len, self.grid, rows, self.conv_kernel, str(device))
+        if length > self.image_start and self.structured(kind, device):
+            rows = -(-(length - self.image_start) // self.grid)
+            return block_layout(kind, self.image_start, self.grid, rows, self.conv_kernel, str(device))
         return self.mask(kind, device)[:length, :length]
 
     def key_table(self, kind: str, device: torch.device) -> list[torch.Tensor]:
@@ -176,6 +182,11 @@ class DalleTransformer(nn.Module):
         ids = torch.where(pos[None] < text_lengths[:, None], text_ids.clamp(min=0), self.text_vocab + pos[None])
         return self.text_emb(ids) + self.text_pos(pos)[None]
 
+    def embed_prefix(self, text_ids: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
+        """The stream before image token 0: text [B, T, D] then the start-of-image token -> [B, T+1, D]."""
+        soi = self.soi.weight[None].expand(text_ids.shape[0], 1, -1)  # [B, 1, D]
+        return torch.cat([self.embed_text(text_ids, text_lengths), soi], 1)
+
     def image_positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
         """Row + column embeddings [1, count, D] of image positions start.. (paper §2.2)."""
         idx = torch.arange(start, start + count, device=device)
@@ -186,8 +197,9 @@ class DalleTransformer(nn.Module):
         return self.image_emb(tokens) + self.image_positions(start, tokens.shape[1], tokens.device)
 
     def hidden(self, text_ids: torch.Tensor, text_lengths: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, L, D] of the stream text + image_tokens (any prefix length)."""
-        x = torch.cat([self.embed_text(text_ids, text_lengths), self.embed_image(image_tokens)], 1)
+        """Final hidden states [B, L, D] of the stream text + start-of-image + image_tokens (any
+        prefix length: L = T + 1 + n)."""
+        x = torch.cat([self.embed_prefix(text_ids, text_lengths), self.embed_image(image_tokens)], 1)
         length = x.shape[1]
         for block, kind in zip(self.blocks, self.kinds):
             mask = self.pattern(kind, length, x.device)
@@ -197,18 +209,25 @@ class DalleTransformer(nn.Module):
                 x = block(x, mask)
         return self.ln_f(x)
 
+    def _logits(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        """h [..., D] -> fp32 logits [..., V] of the head rows `rows`, outside any autocast: the
+        logits and the loss stay in 32-bit when the resblocks compute in 16-bit (§2.4)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.head.weight[rows].float(), self.head.bias[rows].float())
+
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.head.weight[:self.text_vocab], self.head.bias[:self.text_vocab])
+        return self._logits(h, slice(0, self.text_vocab))
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.head.weight[self.text_vocab:], self.head.bias[self.text_vocab:])
+        return self._logits(h, slice(self.text_vocab, None))
 
     def forward(self, text_ids: torch.Tensor, text_lengths: torch.Tensor,
                 image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> text logits [B, T-1, Vt] (predicting text 1..T-1), image logits [B, N, Vi] (image 0..N-1)."""
-        h = self.hidden(text_ids, text_lengths, image_tokens[:, :-1])  # [B, T+N-1, D]
+        """-> fp32 text logits [B, T-1, Vt] (predicting text 1..T-1) and image logits [B, N, Vi]
+        (image 0..N-1, the first from the start-of-image position)."""
+        h = self.hidden(text_ids, text_lengths, image_tokens[:, :-1])  # [B, T+1+N-1, D]
         t = self.text_len
-        return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t - 1:])
+        return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t:])
 
     # ------------------------------------------------------------------ KV-cached decoding
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:

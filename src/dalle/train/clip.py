@@ -23,6 +23,8 @@ from dalle.models.clip import ClipConfig, ContrastiveModel, clip_config_dict, co
 from dalle.models.config import from_section
 from dalle.pixels import to_float
 from dalle.stage import Out, StageSpec
+from dalle.precision import autocast
+from dalle.train import precision_choice
 from dalle.train.common import LocalStrategy, cosine_anneal, linear_warmup, seed_everything
 from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 
@@ -74,6 +76,8 @@ class ClipTrainer:
         self.strategy.wrap(model)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
                                      betas=(0.9, 0.98))
+        self.precision = precision_choice.for_clip_model(cfg.precision, model, cfg.batch_size,
+                                                         contrastive_loss).precision
         self.gen = torch.Generator().manual_seed(seed)
         self.loss_sum, self.since_log = 0.0, 0
 
@@ -82,9 +86,10 @@ class ClipTrainer:
             group["lr"] = lr_at(self.cfg, i)
         idx = torch.randint(len(self.images), (min(self.cfg.batch_size, len(self.images)),),
                             generator=self.gen)
-        img = self.model.encode_image(to_float(self.images[idx.numpy()]))  # [B, D]
-        txt = self.model.encode_text(self.ids[idx], self.lengths[idx])  # [B, D]
-        loss = contrastive_loss(img, txt, self.model.scale())
+        with autocast(self.precision, torch.device("cpu")):  # `auto`: measured (dalle.precision)
+            img = self.model.encode_image(to_float(self.images[idx.numpy()]))  # [B, D]
+            txt = self.model.encode_text(self.ids[idx], self.lengths[idx])  # [B, D]
+        loss = contrastive_loss(img.float(), txt.float(), self.model.scale())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -133,6 +138,7 @@ def train_clip(art: Artefacts, tracker: Any, clip: Clip, image_size: int, tokeni
                "chance": round(1.0 / cfg.retrieval_candidates, 4),
                "logit_scale": round(model.scale().item(), 3), "train_seconds": round(seconds, 1),
                "params": sum(p.numel() for p in model.parameters())}
+    metrics["precision"] = trainer.precision
     write_json(art.metrics("clip"), metrics)
     tracker.log_metrics({"retrieval_top1": top1}, step=cfg.steps)
     tracker.register_model("dalle-clip", [art.clip, config_json(art.clip)],

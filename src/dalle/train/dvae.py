@@ -22,6 +22,8 @@ from dalle.models.config import from_section
 from dalle.models.dvae import DiscreteVAE, DVAEConfig
 from dalle.pixels import as_rgb_uint8, to_float
 from dalle.stage import Out, StageSpec
+from dalle.precision import autocast
+from dalle.train import precision_choice
 from dalle.train.common import LocalStrategy, cosine_anneal, resolve_device, seed_everything
 from dalle.train.dvae_eval import evaluate_dvae, save_dvae
 from dalle.train.dvae_loss import codebook_usage, elb_terms
@@ -74,6 +76,8 @@ class DVAETrainer:
         self.strategy.wrap(self.model)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
                                      betas=(0.9, 0.999), eps=1e-8)  # paper App. A.2
+        self.precision = precision_choice.for_dvae_model(cfg.precision, self.model, cfg.batch_size,
+                                                         self.device, self.fmt, cfg.kl_max, elb_terms).precision
 
     def step(self, i: int) -> StepOut:
         cfg = self.cfg
@@ -82,8 +86,9 @@ class DVAETrainer:
         sched = schedules(cfg, i)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
-        terms = elb_terms(self.model, images, sched["tau"], sched["beta"], cfg.straight_through,
-                          cfg.usage_weight)
+        with autocast(self.precision, self.device):  # `auto`: measured (dalle.precision)
+            terms = elb_terms(self.model, images, sched["tau"], sched["beta"], cfg.straight_through,
+                              cfg.usage_weight)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         self.opt.step()
@@ -124,6 +129,7 @@ def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, seed: int) -> dict[str,
     val_images, val_captions = _images(art, "val")
     metrics = evaluate_dvae(model, val_images, val_captions, art.dvae_recon, tracker)
     metrics.update({"train_seconds": round(seconds, 2), "steps": cfg.steps, "image_size": image_size})
+    metrics["precision"] = trainer.precision
     save_dvae(model, art.dvae, tracker)
     write_json(art.metrics("dvae"), metrics)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()

@@ -4,9 +4,11 @@ A single loss scale underflows the gradients of the late resblocks or overflows 
 16-bit, so every resblock gets its own scale s: the activation gradient entering the resblock's
 branch is multiplied by s, the gradient leaving it is divided by s, non-finite values are set to
 zero (and recorded), and only then added to the identity path in fp32. The branch's parameter
-gradients are in s-scaled units until `unscale_` divides them. A block's scale halves after a
-non-finite event and doubles after `growth_interval` clean steps; a step with any non-finite
-gradient is skipped by the loop.
+gradients are in s-scaled units until `unscale_` divides them (fp32 gradients, in place) or
+records the factor 1/s for the optimiser to apply in fp32 (16-bit gradients of 16-bit stored
+parameters, `dalle.train.half`: unscaling them in 16-bit would underflow). A block's scale halves
+after a non-finite event and doubles after `growth_interval` clean steps; a step with any
+non-finite gradient is skipped by the loop.
 """
 from __future__ import annotations
 
@@ -76,15 +78,21 @@ class ResblockScaler:
         for block, state in zip(self.blocks, self.states):
             block.grad_scale = state  # type: ignore[assignment]
         self.skipped = 0
+        self.factors: dict[nn.Parameter, float] = {}  # 16-bit grads: true grad = grad.float() * factor
 
     @torch.no_grad()
     def unscale_(self) -> bool:
-        """Divide each block's parameter gradients by its scale; True when every gradient is finite."""
+        """Divide each block's fp32 parameter gradients by its scale (16-bit ones: record the factor
+        1/scale in `factors`); True when every gradient is finite."""
         ok = True
+        self.factors = {}
         for block, state in zip(self.blocks, self.states):
             for p in block.parameters():
                 if p.grad is not None:
-                    p.grad.div_(state.scale)
+                    if p.grad.dtype == torch.float32:
+                        p.grad.div_(state.scale)
+                    else:
+                        self.factors[p] = 1.0 / state.scale
                     if not bool(torch.isfinite(p.grad).all()):
                         state.bad = torch.ones((), dtype=torch.bool)
             ok = ok and not bool(state.bad)

@@ -7,6 +7,7 @@ sharded over Horovod ranks (dalle.distributed.checkpoint.RankStore).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,13 +16,16 @@ from dalle.catalog import Artefacts, config_json
 from dalle.config_sections import Distributed, Prior, Tokenizer
 from dalle.distributed.checkpoint import RankStore
 from dalle.distributed.strategy import strategy_for
-from dalle.errors import DataError
+from dalle.errors import ConfigError, DataError
 from dalle.io import save_checkpoint, write_json
 from dalle.models.config import from_section
 from dalle.models.transformer import DalleTransformer, PriorConfig, count_parameters, prior_config_dict
 from dalle.stage import Out, StageSpec
 from dalle.train.common import LocalStrategy, resolve_device, seed_everything
+from dalle.precision import half_dtype
+from dalle.train import half, precision_choice
 from dalle.train.grad_scale import ResblockScaler
+from dalle.train.half import HalfAdamW
 from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 from dalle.train.prior_data import BatchIterator, TokenSet, get_batch, load_tokens, make_caption_dropout
 from dalle.train.prior_loop import (autocast_for, finite, lr_at, make_optimizer, model_flops_per_step,
@@ -35,15 +39,19 @@ class PriorTrainer:
     """The prior's optimiser, per-resblock gradient scaler, batch iterator and step."""
 
     def __init__(self, cfg: Prior, model: DalleTransformer, strategy: Any, train: TokenSet,
-                 dropout: Any, seed: int) -> None:
+                 dropout: Any, seed: int, precision: str = "fp32") -> None:
         self.cfg, self.model, self.strategy, self.train, self.dropout = cfg, model, strategy, train, dropout
+        self.precision = precision  # resolved (dalle.precision): fp32 | bf16 | fp16
+        self.device = next(model.parameters()).device
+        self.half = store_16bit(cfg, model, strategy, precision)
         strategy.wrap(model)
-        self.opt = make_optimizer(strategy.param_groups(cfg.weight_decay), cfg)
+        groups = strategy.param_groups(cfg.weight_decay)
+        self.opt = (HalfAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                    if self.half else make_optimizer(groups, cfg))
         self.scaler = (ResblockScaler(model.blocks, cfg.grad_scale_init, cfg.grad_scale_growth_interval)
-                       if cfg.precision != "fp32" else None)
+                       if precision != "fp32" else None)
         self.batches = BatchIterator(len(train), cfg.batch_size, seed)
         self.skipped, self.history, self.done = 0, [], 0  # type: int, list[dict[str, float]], int
-        self.device = next(model.parameters()).device
         self.tokens_per_step = cfg.batch_size * (model.seq_len - 1)
 
     def step(self, i: int) -> StepOut:
@@ -53,18 +61,20 @@ class PriorTrainer:
         text, lengths, image = get_batch(self.train, next(self.batches)[strategy.batch_slice(cfg.batch_size)],
                                          self.dropout)
         strategy.before_forward()
-        with autocast_for(cfg.precision, self.device):
+        with autocast_for(self.precision, self.device):
             loss, stats = prior_loss(model, text.to(self.device), lengths.to(self.device), image.to(self.device),
                                      (cfg.loss_text_weight, cfg.loss_image_weight))
-        loss.backward()
+        loss.backward()  # the loss and the logits are fp32 (models.transformer), the blocks 16-bit
         strategy.after_backward()
         ok = self.scaler.unscale_() if self.scaler is not None else True
-        norm = strategy.clip_grad_norm_(cfg.grad_clip)
+        factors = self.scaler.factors if self.scaler is not None else {}  # 16-bit grads: 1/scale
+        norm = (half.clip_grad_norm_(model.parameters(), factors, cfg.grad_clip) if self.half
+                else strategy.clip_grad_norm_(cfg.grad_clip))
         ok = (self.scaler.update() if self.scaler is not None else True) and ok and finite(norm)
         if ok:
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(i, cfg)
-            self.opt.step()
+            self.opt.step(factors=factors) if self.half else self.opt.step()
         else:
             self.skipped += 1
         self.opt.zero_grad(set_to_none=True)
@@ -89,16 +99,36 @@ class PriorTrainer:
 
     def plain_model(self, ema: bool) -> DalleTransformer:
         """The training model, or (sharded) an unsharded copy of its gathered weights (collective)."""
-        if self.strategy.size == 1 and not ema:
+        if self.strategy.size == 1 and not ema and not self.half:
             return self.model
         weights = self.strategy.full_state_dict(self.model, ema=ema)
-        model = self.model if self.strategy.size == 1 else DalleTransformer(self.model.config)
+        fresh = self.strategy.size > 1 or self.half  # 16-bit storage: an fp32 copy is exported
+        model = DalleTransformer(self.model.config).to(self.device) if fresh else self.model
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in weights.items()})
         return model
 
 
+def store_16bit(cfg: Prior, model: DalleTransformer, strategy: Any, precision: str) -> bool:
+    """`prior.store_16bit` (§2.4, dalle.train.half): the resblocks' matrices in 16-bit, in place.
+    It needs a 16-bit precision (with fp32 arithmetic, e.g. `auto` choosing fp32 on a CPU without
+    fast bf16, the parameters stay fp32, logged) and one process (sharding keeps fp32 slices)."""
+    if not cfg.store_16bit:
+        return False
+    if precision == "fp32":
+        log.warning("train_prior: prior.store_16bit ignored: the precision resolved to fp32")
+        return False
+    if strategy.size > 1 or not isinstance(strategy, LocalStrategy):
+        raise ConfigError("prior.store_16bit is implemented for one process only: sharded ranks "
+                          "keep fp32 slices (set it false, or distributed.num_proc 1)")
+    n = len(half.to_16bit(model.blocks, half_dtype(precision)))
+    log.info("train_prior: %d resblock matrices stored in %s (dalle.train.half)", n,
+             half_dtype(precision))
+    return True
+
+
 @torch.no_grad()
-def evaluate(model: DalleTransformer, data: TokenSet, cfg: Prior, max_rows: int = 512) -> dict[str, float]:
+def evaluate(model: DalleTransformer, data: TokenSet, cfg: Prior, max_rows: int = 512,
+             precision: str = "fp32") -> dict[str, float]:
     """Mean per-kind loss on up to max_rows validation rows (stored tokens, no BPE dropout)."""
     model.eval()
     device, totals, n = next(model.parameters()).device, {"loss_text": 0.0, "loss_image": 0.0, "loss": 0.0}, 0
@@ -106,7 +136,7 @@ def evaluate(model: DalleTransformer, data: TokenSet, cfg: Prior, max_rows: int 
     for s in range(0, rows, cfg.batch_size):
         idx = torch.arange(s, min(rows, s + cfg.batch_size))
         text, lengths, image = get_batch(data, idx, None)
-        with autocast_for(cfg.precision, device):
+        with autocast_for(precision, device):
             _, stats = prior_loss(model, text.to(device), lengths.to(device), image.to(device),
                                   (cfg.loss_text_weight, cfg.loss_image_weight))
         for k in totals:
@@ -138,11 +168,13 @@ def train_prior(art: Artefacts, tracker: Any, prior: Prior, tokenizer: Tokenizer
     strategy = sharded or LocalStrategy()
     n_params = count_parameters(model)[0]  # before a sharded strategy slices it
     dropout = make_caption_dropout(art.tokenizer, train, tok.text_len, tok.bpe_dropout)
-    trainer = PriorTrainer(cfg, model, strategy, train, dropout, seed)
+    choice = _precision(cfg, model, train, strategy)
+    trainer = PriorTrainer(cfg, model, strategy, train, dropout, seed, choice.precision)
     check = {**prior_config_dict(model), "steps": cfg.steps, "batch_size": cfg.batch_size}
     store = RankStore(art.prior_rank_states, prior_config_dict(model)) if strategy.size > 1 else \
         LocalStore(art.prior_state, check)
-    tracker.log_params({"prior_params_total": n_params})
+    tracker.log_params({"prior_params_total": n_params, "prior_precision_resolved": choice.precision,
+                        "prior_precision_reason": choice.reason})
 
     def samples(step: int) -> None:
         plain = trainer.plain_model(ema=False)  # collective when sharded
@@ -159,12 +191,27 @@ def train_prior(art: Artefacts, tracker: Any, prior: Prior, tokenizer: Tokenizer
     return _finish(trainer, loop, art, tracker, val, rate)
 
 
+def _precision(cfg: Prior, model: DalleTransformer, train: TokenSet, strategy: Any) -> Any:
+    """`prior.precision` resolved on this rank's batch shape; ranks agree (bf16 only if all chose it)."""
+    device = next(model.parameters()).device
+    rows = torch.arange(min(len(train), cfg.batch_size // strategy.size))
+    batch = tuple(t.to(device) for t in get_batch(train, rows, None))
+    choice = precision_choice.for_prior(cfg.precision, model, batch,
+                                        (cfg.loss_text_weight, cfg.loss_image_weight), device, prior_loss)
+    if strategy.size > 1 and choice.precision == "bf16" and not strategy.agree_all(True):
+        choice = replace(choice, precision="fp32", reason=choice.reason + "; another rank chose fp32")
+    elif strategy.size > 1 and choice.precision != "bf16":
+        strategy.agree_all(False)
+    return choice
+
+
 def _finish(trainer: PriorTrainer, loop: Loop, art: Artefacts, tracker: Any, val: TokenSet,
             rate: float) -> dict[str, float]:
     """EMA weights -> val loss, the exported prior and its metrics (rank 0); the resume state goes."""
     model = trainer.plain_model(ema=True)  # collective when sharded
     seq = trainer.model.seq_len - 1
-    metrics = {**evaluate(model, val, trainer.cfg), "tokens_per_s": rate, "steps": float(loop.step),
+    metrics = {**evaluate(model, val, trainer.cfg, precision=trainer.precision), "tokens_per_s": rate,
+               "steps": float(loop.step), "precision": trainer.precision, "store_16bit": trainer.half,
                "model_gflop_per_s": rate * model_flops_per_step(trainer.model, 1) / seq / 1e9,
                "skipped_steps": float(trainer.skipped), "params_total": float(count_parameters(model)[0])}
     if trainer.history:

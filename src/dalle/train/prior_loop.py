@@ -2,7 +2,6 @@
 `prior_loss`, `lr_at`, `make_optimizer`, `autocast_for`, `model_flops_per_step`."""
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, ContextManager
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.models.transformer import DalleTransformer
+from dalle.precision import autocast
 from dalle.train.common import cosine_anneal, linear_warmup, param_groups
 
 
@@ -27,9 +27,10 @@ def prior_loss(model: nn.Module, text_ids: torch.Tensor, text_lengths: torch.Ten
     real = torch.arange(1, text_ids.shape[1], device=tgt.device)[None] < text_lengths[:, None]
     tgt = torch.where(real, tgt, torch.full_like(tgt, -100))
     n_text = int(real.sum())
-    loss_text = (F.cross_entropy(text_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
-                 if n_text else text_logits.sum() * 0.0)
-    loss_image = F.cross_entropy(image_logits.float().flatten(0, 1), image_tokens.flatten())
+    with torch.autocast(image_logits.device.type, enabled=False):  # the loss in fp32 (§2.4)
+        loss_text = (F.cross_entropy(text_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
+                     if n_text else text_logits.sum() * 0.0)
+        loss_image = F.cross_entropy(image_logits.float().flatten(0, 1), image_tokens.flatten())
     loss = weights[0] * loss_text + weights[1] * loss_image
     return loss, {"loss_text": float(loss_text.detach()), "loss_image": float(loss_image.detach()),
                   "loss": float(loss.detach()),
@@ -52,11 +53,9 @@ def make_optimizer(params: Any, cfg: Any) -> torch.optim.AdamW:
 
 
 def autocast_for(precision: str, device: torch.device) -> ContextManager[Any]:
-    """bf16 autocast on CPU, fp16 on GPU (paper §2.4 trains in 16-bit); fp32 = no autocast."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" and device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    """A resolved precision's autocast (dalle.precision.autocast): bf16, fp16 on GPU (paper §2.4
+    trains in 16-bit), fp32 = none. The prior's logits and loss stay fp32 under it."""
+    return autocast(precision, device)
 
 
 def model_flops_per_step(model: DalleTransformer, batch: int) -> float:
