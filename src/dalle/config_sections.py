@@ -217,6 +217,9 @@ class PowerSGD(Section):
     error_feedback: bool
     min_compression_dim: int = Field(gt=0)  # smaller matrices and 1-D params go uncompressed
     eps: float = Field(gt=0)  # identity multiple added before Householder QR
+    # error buffers and the P/Q' all-reduce: fp32, or 16bit (App. E.2: a custom 16-bit format;
+    # ours: bf16 buffers, fp16 all-reduce with a power-of-two scale agreed over the group)
+    dtype: Literal["fp32", "16bit"]
 
 
 class Distributed(Section):

@@ -83,10 +83,14 @@ def test_sharded_training_follows_single_process(tmp_path: Path, np_: int, shard
 
 def test_powersgd_trains_close_to_uncompressed_and_error_feedback_matters(tmp_path: Path) -> None:
     """Two 'machines' of one rank: rank 16 on d_model 64 (r/d = 1/4, as 896/3968 in Table 1)."""
-    jobs = [{"steps": 200}, {"steps": 200, "powersgd": 16}, {"steps": 200, "powersgd": 16, "ef": False}]
-    proc, result = launch(tmp_path, 2, 1, jobs)
+    jobs = [{"steps": 200}, {"steps": 200, "powersgd": 16}, {"steps": 200, "powersgd": 16, "ef": False},
+            {"steps": 200, "powersgd": 16, "dtype": "16bit"}]
+    proc, result = launch(tmp_path, 2, 1, jobs, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    plain, ef, no_ef = (tail_mean(r["loss"]) for r in result)
+    plain, ef, no_ef, half = (tail_mean(r["loss"]) for r in result)
+    # App. E.2's 16-bit buffers and all-reduce (bf16 buffers, fp16 on the Gloo wire, shared scale)
+    assert abs(half - ef) < 0.1, (ef, half)
+    assert result[3]["wire_bytes"][0] < 0.6 * result[1]["wire_bytes"][0]
     assert result[1]["wire_bytes"][0] < 0.5 * result[0]["wire_bytes"][0]  # it does compress
     assert ef < plain + 0.25, (plain, ef)  # stated margin: within 0.25 nats after 200 steps
     assert no_ef > ef + 0.1, (ef, no_ef)  # without error feedback: measurably worse

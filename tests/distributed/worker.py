@@ -1,8 +1,8 @@
 """One rank of a distributed test job (run by horovodrun from tests/distributed/test_*.py).
 
 Usage: worker.py OUT_JSON SHARD_GROUP JOBS_JSON
-JOBS_JSON is a list of {"steps", "powersgd" (rank, 0 = off), "ef", "ckpt", "every", "stop",
-"die_rank", "die_step", "d_model"}; the jobs run one after the other in this Horovod session and
+JOBS_JSON is a list of {"steps", "powersgd" (rank, 0 = off), "ef", "dtype" (fp32 | 16bit), "ckpt",
+"every", "stop", "die_rank", "die_step", "d_model"}; the jobs run one after the other in this Horovod session and
 rank 0 writes the list of their results (world-mean loss per step, ...) to OUT_JSON.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dalle.distributed.toy import ToyConfig, train_toy
 
 def run_job(job: dict[str, Any], groups: Any, size: int, shard_group: int) -> dict[str, Any]:
     ps = PowerSGD(enabled=job.get("powersgd", 0) > 0, rank=max(job.get("powersgd", 0), 1),
-                  error_feedback=job.get("ef", True), min_compression_dim=8, eps=1e-6)
+                  error_feedback=job.get("ef", True), min_compression_dim=8, eps=1e-6,
+                  dtype=job.get("dtype", "fp32"))
     dist = Distributed(num_proc=size, shard_group_size=shard_group, hosts=None, powersgd=ps)
     strategy = ShardedStrategy(dist, groups)
     if job.get("kind") == "prior":  # the real prior model on the same strategy

@@ -14,7 +14,7 @@ matrix becomes d x (d/n), the MLP's 4d x d and d x 4d both keep d and slice 4d; 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -167,6 +167,11 @@ class FlatShard:
         self.params = [nn.Parameter(t.clone()) for t, _ in pieces if t.numel()]
         self.decays = [d for t, d in pieces if t.numel()]
         self.sizes = [p.numel() for p in self.params]
+        # where this rank's averaged slice gradient [L] goes as soon as the reduce-scatter lands,
+        # with the block's gradient scale: None = the parameters' .grad; PowerSGD's error buffers
+        # otherwise (paper §2.5: accumulated during backprop, no separate buffers). It returns
+        # False when it dropped non-finite values.
+        self.sink: Optional[Callable[[torch.Tensor, float], bool]] = None
 
     def flat(self) -> torch.Tensor:
         """This rank's slice [L] (a copy when it has two pieces)."""
@@ -292,8 +297,14 @@ class _GatherCompute(torch.autograd.Function):
         gx = grads[0] if x.requires_grad else None
         pg = {k: (g if g is not None else torch.zeros_like(v))
               for (k, v), g in zip(params.items(), grads[len(inputs) - len(params):])}
-        g_shard = block.shard.comm.reducescatter_mean(block.shard.pack(pg), f"rs.{block.index}")
-        pieces = [g.view_as(p) for g, p in zip(g_shard.split(block.shard.sizes), block.shard.params)]
+        g_shard = block.shard.comm.reducescatter_mean(block.shard.pack(pg), f"rs.{block.index}")  # [L]
+        if block.shard.sink is not None:  # straight into the error buffers: no .grad allocated
+            state = block.grad_scale
+            if not block.shard.sink(g_shard, state.scale if state is not None else 1.0) and state is not None:
+                state.bad = torch.ones((), dtype=torch.bool)  # this block's scale backs off (§2.4)
+            pieces: list[Optional[torch.Tensor]] = [None] * len(block.shard.params)
+        else:
+            pieces = [g.view_as(p) for g, p in zip(g_shard.split(block.shard.sizes), block.shard.params)]
         return (gx, None, None, None, *pieces, *([None] * len(ctx.args)))
 
 
@@ -372,7 +383,10 @@ class ShardedRest:
         full = {k: (p.grad if p.grad is not None else torch.zeros(self.shapes[k], device=dev))
                 for k, p in self.named}
         grad = self.shard.comm.reducescatter_mean(self.shard.pack(full), "rs.rest")
-        self.shard.set_grad(grad)
+        if self.shard.sink is not None:
+            self.shard.sink(grad, 1.0)
+        else:
+            self.shard.set_grad(grad)
         self.release()
 
     def release(self) -> None:

@@ -14,7 +14,7 @@ A loop uses it as:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class ShardedStrategy:
         self.prefetcher: Optional[Prefetcher] = None
         self.rest: Optional[ShardedRest] = None
         self.wire_bytes_last = 0  # bytes this rank sent across machines in the last step
+        self.dense: dict[str, torch.Tensor] = {}  # uncompressed slot gradients of this step (sink)
+        self.nonfinite = False  # the sink dropped non-finite values this step: skip it
         self.ema: list[torch.Tensor] = []  # EMA of this rank's slices (paper §2.2: iterate averaging)
 
     @classmethod
@@ -109,9 +111,38 @@ class ShardedStrategy:
         ps = self.cfg.powersgd
         if ps.enabled and self.data is not None:
             shapes = {f"{i}.{s.name}": s.shard_shape for i, sh in enumerate(self.shards) for s in sh.slots}
+            # only the resblocks' matrices are compressed (Table 1's formula); the rest goes dense
+            rest = {f"{len(self.shards) - 1}.{s.name}" for s in self.rest.shard.slots}
             self.psgd = PowerSGD(shapes, shard_rank(ps.rank, self.shard_comm.size), ps.min_compression_dim,
-                                 ps.error_feedback, self.seed, ps.eps, device=self.rest.shard.device)
+                                 ps.error_feedback, self.seed, ps.eps, device=self.rest.shard.device,
+                                 dtype=ps.dtype, uncompressed=rest)
+            if ps.error_feedback:  # §2.5: the gradient goes into the error buffers during backprop
+                for i, sh in enumerate(self.shards):
+                    sh.sink = self._sink(i, sh)
         return model
+
+    def _sink(self, index: int, shard: FlatShard) -> Callable[[torch.Tensor, float], bool]:
+        """Where shard `index`'s averaged slice gradient [L] goes during backprop: compressed slots
+        into their error buffers, the others into small dense buffers, all in true units."""
+        psgd = self.psgd
+        assert psgd is not None
+
+        @torch.no_grad()
+        def sink(grad: torch.Tensor, scale: float) -> bool:
+            ok = True
+            for s in shard.slots:
+                name, view = f"{index}.{s.name}", grad[s.offset:s.offset + s.shard_numel].view(s.shard_shape)
+                if psgd.plans[name].rank:
+                    ok = psgd.accumulate(name, view, scale) and ok
+                    continue
+                value = view.float() / scale
+                if not bool(torch.isfinite(value).all()):
+                    value, ok = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0), False
+                self.dense[name] = self.dense[name].add_(value) if name in self.dense else value
+            self.nonfinite = self.nonfinite or not ok
+            return ok
+
+        return sink
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for sh in self.shards for p in sh.params]
@@ -135,11 +166,14 @@ class ShardedStrategy:
         prefetcher, rest = self._wrapped()
         prefetcher.drain()
         rest.materialize()
+        self.nonfinite = False
 
     def after_backward(self) -> None:
         """Reduce-scatter the rest; agree on non-finite blocks; average across machines."""
         prefetcher, rest = self._wrapped()
         rest.scatter_grads()
+        if self.psgd is not None and self.psgd.error_feedback:
+            return self._reduce_accumulated(prefetcher)
         grads = self.grads()
         scales = self._agree_grad_scales(prefetcher)
         if self.data is None:
@@ -149,7 +183,9 @@ class ShardedStrategy:
         if self.psgd is not None:
             named = {f"{i}.{k}": v for i, sh in enumerate(self.shards)
                      for k, v in sh.views(sh.grad_pieces()).items()}
-            self.psgd.reduce(named, self.data.allreduce_mean)
+            data = self.data
+            self.psgd.reduce(named, data.allreduce_mean, lambda e: -data.allreduce_min(-e, "psgd.exp"),
+                             data.size)
             self.wire_bytes_last = self.psgd.wire_bytes()
         else:
             flat = torch.cat(grads)
@@ -157,6 +193,22 @@ class ShardedStrategy:
             for g, part in zip(grads, avg.split([g.numel() for g in grads])):
                 g.copy_(part)
             self.wire_bytes_last = 4 * flat.numel()
+        self._rescale(prefetcher, scales, inverse=False)  # the loop's scaler unscales them
+
+    def _reduce_accumulated(self, prefetcher: Prefetcher) -> None:
+        """PowerSGD on the error buffers the backward pass filled (§2.5): the decompressed average
+        (and the dense slots' all-reduce) lands in freshly allocated slice gradients."""
+        psgd, data = self.psgd, self.data
+        assert psgd is not None and data is not None
+        scales = self._agree_grad_scales(prefetcher)  # flags set by the sink; allocates .grad
+        if self.world is not None:  # every rank skips the step when any dropped non-finite values
+            self.nonfinite = bool(self.world.allreduce_sum(torch.tensor([float(self.nonfinite)]), "nonfinite")[0])
+        named = {f"{i}.{k}": v for i, sh in enumerate(self.shards) for k, v in sh.views(sh.grad_pieces()).items()}
+        for name, value in self.dense.items():
+            named[name].copy_(value.view_as(named[name]))
+        self.dense.clear()
+        psgd.reduce(named, data.allreduce_mean, lambda e: -data.allreduce_min(-e, "psgd.exp"), data.size)
+        self.wire_bytes_last = psgd.wire_bytes()
         self._rescale(prefetcher, scales, inverse=False)  # the loop's scaler unscales them
 
     def _agree_grad_scales(self, prefetcher: Prefetcher) -> list[float]:
@@ -188,7 +240,10 @@ class ShardedStrategy:
         return self.agree_min(int(flag)) == 1 if self.world else flag
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Global gradient norm over the whole model (slices summed over the sharding group)."""
+        """Global gradient norm over the whole model (slices summed over the sharding group); inf
+        when the backward dropped non-finite values (the step is skipped)."""
+        if self.nonfinite:
+            return float("inf")
         grads = self.grads()
         sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
         if self.shard_comm.size > 1:
