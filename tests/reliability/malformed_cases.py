@@ -111,7 +111,7 @@ def dvae_file(data: Callable[[Path], None]) -> Build:
     def build(case: Path) -> tuple[str, dict[str, Any]]:
         (case / "models").mkdir(parents=True, exist_ok=True)
         data(case / "models" / "dvae.safetensors")
-        return "stages.encode", {"__world__": ["clean", "raw", "models/tokenizer.json"]}
+        return "stages.encode", {"__world__": "encode"}
     return build
 
 
@@ -130,4 +130,4 @@ def prior_resume_other_config(case: Path) -> tuple[str, dict[str, Any]]:
     (case / "models").mkdir(parents=True, exist_ok=True)
     save_checkpoint(case / "models" / "prior.ckpt.safetensors", {"w": torch.zeros(2)},
                     {"d_model": 999}, state={"step": 1})
-    return "stages.train_prior", {"__world__": ["tokens", "models/tokenizer.json"]}
+    return "stages.train_prior", {"__world__": "train_prior"}

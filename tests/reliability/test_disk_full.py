@@ -18,7 +18,7 @@ import pytest
 
 from dalle.data import shards
 from tests.reliability.compare import leftovers
-from tests.reliability.conftest import REPO, copy_inputs, write_params
+from tests.reliability.conftest import REPO, copy_inputs, inputs_of, write_params
 
 COLLECT = {"data.synthetic.n_images": 96, "data.image_size": 32, "data.shard_size": 16}
 
@@ -79,7 +79,7 @@ def test_train_dvae_disk_full(world: Path, tmp_path: Path) -> None:
         pytest.skip(why)
     root = tmp_path / "run"
     big = {"dvae.checkpoint_every": 1, "dvae.n_hid": 32, "dvae.dec_n_hid": 32}  # > 256 kB of state
-    params = copy_inputs(world, root, ["clean", "raw"], big)
+    params = copy_inputs(world, root, inputs_of("train_dvae", world), big)
     (root / "models").mkdir()
     line = _one_line(_run("stages.train_dvae", params, root / "models", "tmpfs"))
     assert "models" in line and "disk full" in line, line

@@ -17,7 +17,7 @@ from dalle.io import save_checkpoint
 from tests.integration.data_server import bomb_png, serve
 from tests.reliability import killer
 from tests.reliability import malformed_cases as M
-from tests.reliability.conftest import copy_inputs, write_params
+from tests.reliability.conftest import copy_inputs, inputs_of, write_params
 
 E, S, A = "error", "skipped", "accepted"
 CASES: list[tuple[str, Any, tuple[str, str]]] = [
@@ -81,8 +81,8 @@ def _params(case: Path, world: Path, extra: dict[str, Any]) -> Path:
         path = case / "params.yaml"
         path.write_text(extra["__params_text__"])
         return path
-    parts = extra.pop("__world__", None)
-    return copy_inputs(world, case, parts, extra) if parts else write_params(case, extra)
+    stage = extra.pop("__world__", None)  # the stage whose other inputs come from the world
+    return copy_inputs(world, case, inputs_of(stage, world), extra) if stage else write_params(case, extra)
 
 
 def _check_outcome(case: Path, out: killer.Outcome, expected: tuple[str, str]) -> str:

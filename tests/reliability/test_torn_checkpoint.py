@@ -13,7 +13,7 @@ from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint, previous_path, remove_checkpoint, save_checkpoint
 from tests.reliability import killer
 from tests.reliability.compare import diff_trees, leftovers
-from tests.reliability.conftest import copy_inputs
+from tests.reliability.conftest import from_world
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -48,14 +48,13 @@ def test_truncated_checkpoint_is_one_line_and_prev_is_used(tmp_path: Path, caplo
 ])
 def test_stage_resumes_from_previous_after_truncation(world: Path, tmp_path: Path, module: str,
                                                       state_file: str, outputs: list[str]) -> None:
-    parts = ["clean", "raw"] if "dvae" in module else ["tokens", "models/tokenizer.json"]
-    extra = {"tokenizer.bpe_dropout": 0.0}
-    base = copy_inputs(world, tmp_path / "base", parts, extra).parent
+    make_root = from_world(world, module.split(".")[-1], {"tokenizer.bpe_dropout": 0.0})
+    base = make_root(tmp_path / "base")
     first = killer.run(module, ["--params", str(base / "params.yaml")], tmp_path / "base_work")
     assert first.exitcode == 0, first.stderr[-2000:]
     commits = [i for i, e in enumerate(first.log, 1) if e == f"commit {state_file}"]
     assert len(commits) >= 2, first.log
-    root = copy_inputs(world, tmp_path / "torn", parts, extra).parent
+    root = make_root(tmp_path / "torn")
     argv = ["--params", str(root / "params.yaml")]
     killed = killer.run(module, argv, tmp_path / "torn_work", kill_at=commits[1] + 1)  # after 2nd save
     assert killed.exitcode == -9
