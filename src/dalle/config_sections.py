@@ -24,7 +24,7 @@ Device = Literal["auto", "cpu", "cuda"]  # auto: cuda where torch sees a GPU, el
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- paths / tracking

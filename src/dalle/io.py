@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import shutil
 import socket
 import tempfile
@@ -31,6 +32,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; outputs get the usual mode
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother = 60, 60
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
@@ -77,6 +80,11 @@ def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
         os.close(made[0])
         made = made[1]
     return Path(made)
+
+
+def tmp_sibling(path: Path) -> Path:
+    """A new empty temporary file next to `path`, named so that a dead writer's is swept."""
+    return _tmp_sibling(path)
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
@@ -141,7 +149,15 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Strict JSON (DVC metrics, curves, configs): NaN and infinities are written as null."""
+    return write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=True,
+                                       allow_nan=False) + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """`obj` as plain JSON data with every non-finite number (NaN, inf) replaced by None."""
+    text = json.dumps(obj, default=_json_default)
+    return json.loads(text, parse_constant=lambda _name: None)
 
 
 def _json_default(obj: Any) -> Any:
@@ -227,15 +243,26 @@ def previous_path(path: str | Path) -> Path:
     return Path(f"{path}.prev")
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
 def _intact(path: Path) -> bool:
-    """A complete safetensors file: its header parses and the file is as long as it says."""
+    """A complete safetensors file: its header length is sane, the header parses, and the file
+    is as long as it says. Never raises (a header length of 2**64 is simply not intact)."""
     try:
+        size_total = path.stat().st_size
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= min(_MAX_HEADER, size_total - 8):
+                return False
             header = json.loads(fh.read(size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + size + end
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        if not isinstance(header, dict):
+            return False
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in ends):
+            return False
+        return size_total == 8 + size + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
         return False
 
 
@@ -260,33 +287,63 @@ def remove_checkpoint(path: str | Path) -> None:
         sweep_stale_tmp(file)
 
 
+class Unreadable(CheckpointError):
+    """The file cannot be read as a dalle checkpoint (torn, tampered, unreadable): a training
+    state falls back to its `.prev`; a config mismatch is a plain CheckpointError and never does."""
+
+
 def _sniff(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise Unreadable(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if head[:2] in _PICKLE_MAGIC or head[:4] in _PICKLE_MAGIC:
         raise CheckpointError(f"{path} is a pickle/torch.save file, not safetensors; refusing to "
                               "unpickle it (convert it, e.g. `dalle dvae import-openai`)")
     if len(head) < 8:
-        raise CheckpointError(f"{path} is truncated ({len(head)} bytes)")
+        raise Unreadable(f"{path} is truncated ({len(head)} bytes)")
 
 
 def load_checkpoint(path: str | Path, expected_config: Mapping[str, Any] | None = None,
                     with_state: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """Read (weights, config, state). Raises CheckpointError on any problem, in one line.
 
-    A training-state checkpoint (`with_state`) that cannot be read falls back to `<path>.prev`,
-    the previous good one kept by `save_checkpoint`, with a warning naming both."""
+    A training-state checkpoint (`with_state`) that cannot be read (torn, tampered, unreadable)
+    falls back to `<path>.prev`, the previous good one kept by `save_checkpoint`, with a warning
+    naming both; when that cannot be read either, the error says so."""
     try:
         return _load_checkpoint(Path(path), expected_config, with_state)
-    except CheckpointError as exc:
+    except Unreadable as exc:
         prev = previous_path(path)
-        if not with_state or _intact(Path(path)) or not _intact(prev):
-            raise  # only a torn/missing file falls back, never a config mismatch
+        if not with_state or not prev.is_file():
+            raise
+        try:
+            loaded = _load_checkpoint(prev, expected_config, with_state)
+        except CheckpointError as prev_exc:
+            raise CheckpointError(f"{exc.one_line()}; the previous checkpoint cannot be used "
+                                  f"either: {prev_exc.one_line()}") from None
         logging.getLogger("dalle.io").warning("%s; resuming from the previous checkpoint %s",
                                               exc.one_line(), prev)
-        return _load_checkpoint(prev, expected_config, with_state)
+        return loaded
+
+
+def _metadata_json(path: Path, metadata: Mapping[str, str], key: str, what: str) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, TypeError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise Unreadable(f"{path}: its {what} ({key!r} in the metadata) is not valid JSON "
+                         f"({reason})") from None
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            what = "weight" if not name.startswith("__state__") else "training-state tensor"
+            raise Unreadable(f"{path}: {what} {name!r} holds NaN or infinite values")
 
 
 def _load_checkpoint(path: Path, expected_config: Mapping[str, Any] | None,
@@ -296,27 +353,39 @@ def _load_checkpoint(path: Path, expected_config: Mapping[str, Any] | None,
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
         flat = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError,
+            MemoryError) as exc:
         reason = " ".join(str(exc).split())[:160]
-        raise CheckpointError(f"{path} is truncated or not a safetensors checkpoint ({reason})") from None
+        raise Unreadable(f"{path} is truncated or not a safetensors checkpoint ({reason})") from None
     if CONFIG_KEY not in metadata:
         raise CheckpointError(f"{path} has no dalle config in its metadata (not written by dalle?)")
-    config = json.loads(metadata[CONFIG_KEY])
+    config = _metadata_json(path, metadata, CONFIG_KEY, "model config")
+    if not isinstance(config, dict):
+        raise Unreadable(f"{path}: its model config ({CONFIG_KEY!r} in the metadata) is a "
+                         f"{type(config).__name__}, not a mapping")
     if expected_config is not None:
         check_config(path, config, expected_config)
+    _check_finite(path, flat)
     state = None
     weights = {k: v for k, v in flat.items() if not k.startswith("__state__")}
     if with_state and STATE_KEY in metadata:
         state_tensors = {k: v for k, v in flat.items() if k.startswith("__state__")}
-        state = unflatten_state(state_tensors, json.loads(metadata[STATE_KEY]))
+        skeleton = _metadata_json(path, metadata, STATE_KEY, "training state")
+        try:
+            state = unflatten_state(state_tensors, skeleton)
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise Unreadable(f"{path}: its training state does not fit its tensors "
+                             f"({type(exc).__name__}: {str(exc)[:80]})") from None
     return weights, config, state
 
 
 def check_config(path: str | Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     """One line naming the first key whose value differs between checkpoint and config."""
-    for key in sorted(set(found) | set(expected)):
+    if not isinstance(found, Mapping):
+        raise Unreadable(f"{path}: its stored config is a {type(found).__name__}, not a mapping")
+    for key in sorted(set(map(str, found)) | set(map(str, expected))):
         a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
         if json.dumps(a, sort_keys=True, default=_json_default) != json.dumps(
                 b, sort_keys=True, default=_json_default):
-            raise CheckpointError(f"{path} was built for a different config: {key} is {a!r} in the "
-                                  f"checkpoint but {b!r} in params")
+            raise CheckpointError(f"{path} was built for a different config: {key} is "
+                                  f"{_REPR.repr(a)} in the checkpoint but {_REPR.repr(b)} in params")

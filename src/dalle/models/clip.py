@@ -19,7 +19,7 @@ from torch import nn
 
 from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint
-from dalle.models.config import as_dict, from_dict
+from dalle.models.config import as_dict, check_weights, from_dict
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
@@ -130,7 +130,9 @@ def load_clip(path: str | Path) -> ContrastiveModel:
     """The one loader of a contrastive-model checkpoint (written by train_clip; its stored
     `ClipConfig` validated) -> eval-mode ContrastiveModel without gradients."""
     weights, stored, _ = load_checkpoint(path)
-    model = ContrastiveModel(from_dict(ClipConfig, stored, str(path)))
+    config = from_dict(ClipConfig, stored, str(path))
+    check_weights(ContrastiveModel, config, weights, str(path))
+    model = ContrastiveModel(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

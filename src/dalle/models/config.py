@@ -7,8 +7,13 @@ through `from_dict`, which refuses a missing, unknown or mistyped key in one lin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Mapping, TypeVar, get_type_hints
+import math
+import threading
+from typing import Any, Callable, Iterator, Mapping, TypeVar, get_type_hints
+
+import torch
 
 from dalle.errors import CheckpointError
 
@@ -45,11 +50,70 @@ def from_dict(cls: type[C], data: Any, source: str) -> C:
         if not ok:
             raise CheckpointError(f"{source}: stored model config {name}={value!r} is not "
                                   f"{kind.__name__}")
+        if kind in (int, float) and not _in_range(value):
+            raise CheckpointError(f"{source}: stored model config {name}={value!r} is out of "
+                                  f"range (a size or rate of a model: finite, 0 to {_MAX_INT})")
         values[name] = float(value) if kind is float else value
     try:
         return cls(**values)
-    except ValueError as exc:  # __post_init__ checks (e.g. heads dividing the width)
+    except (ValueError, ArithmeticError) as exc:  # __post_init__ checks (heads dividing width...)
         raise CheckpointError(f"{source}: stored model config is invalid: {exc}") from None
+
+
+_MAX_INT = 2 ** 24  # no size of any model here comes near it (paper: 8192 codes, 16384 BPE ids)
+
+
+def _in_range(value: float) -> bool:
+    return math.isfinite(value) and (not isinstance(value, int) or 0 <= value <= _MAX_INT)
+
+
+def check_weights(model_cls: Callable[[Any], Any], config: Any, weights: Mapping[str, Any],
+                  source: str) -> None:
+    """Refuse, in one line, weights that do not fit the model `config` describes, before the
+    model is built: it is first made on the meta device (no memory), and abandoned as soon as it
+    registers more parameters than the checkpoint holds, so a tampered config asking for a huge
+    model is refused instead of allocated."""
+    try:
+        with torch.device("meta"), _parameter_budget(len(weights)):
+            shapes = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
+    except _OverBudget:
+        raise CheckpointError(f"{source} does not match its stored config: the config makes a "
+                              f"model with more than its {len(weights)} tensors") from None
+    except (ValueError, RuntimeError, TypeError, ArithmeticError) as exc:
+        raise CheckpointError(f"{source}: stored model config cannot build a model "
+                              f"({' '.join(str(exc).split())[:120]})") from None
+    missing = sorted(set(shapes) - set(weights))
+    unknown = sorted(set(weights) - set(shapes))
+    if missing or unknown:
+        what = f"lacks tensor {missing[0]!r}" if missing else f"has unknown tensor {unknown[0]!r}"
+        raise CheckpointError(f"{source} does not match its stored config: it {what}")
+    for name, shape in shapes.items():
+        found = tuple(weights[name].shape)
+        if found != shape:
+            raise CheckpointError(f"{source} does not match its stored config: tensor {name!r} "
+                                  f"is {list(found)}, the config makes {list(shape)}")
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _parameter_budget(limit: int) -> Iterator[None]:
+    """Raise _OverBudget once this thread has registered more than `limit` parameters."""
+    me, count = threading.get_ident(), [0]
+
+    def hook(module: Any, name: str, param: Any) -> None:
+        if threading.get_ident() == me and param is not None:
+            count[0] += 1
+            if count[0] > limit:
+                raise _OverBudget
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint
-from dalle.models.config import as_dict, from_dict
+from dalle.models.config import as_dict, check_weights, from_dict
 
 LOGIT_LAPLACE_EPS = 0.1  # paper App. A.3: eps = 0.1
 
@@ -217,7 +217,9 @@ def load_dvae(path: str | Path) -> DiscreteVAE:
     """The one loader of a dVAE checkpoint (EMA weights + its stored `DVAEConfig`, validated) ->
     an eval-mode DiscreteVAE."""
     weights, stored, _ = load_checkpoint(path)
-    model = DiscreteVAE(from_dict(DVAEConfig, stored, str(path)))
+    config = from_dict(DVAEConfig, stored, str(path))
+    check_weights(DiscreteVAE, config, weights, str(path))
+    model = DiscreteVAE(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

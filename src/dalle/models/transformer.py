@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint
 from dalle.models.attention import Pattern, SelfAttention, block_layout, layer_kinds, stream_mask
-from dalle.models.config import as_dict, from_dict
+from dalle.models.config import as_dict, check_weights, from_dict
 
 KVCache = list[torch.Tensor]  # per layer: keys and values [2, B, H, L, Dh]
 IMPLS = ("auto", "masked", "structured")
@@ -255,7 +255,9 @@ def load_prior(path: str | Path) -> DalleTransformer:
     """The one loader of a prior checkpoint (EMA weights + config):
     its stored `PriorConfig` is validated, the model built from it and every tensor checked."""
     weights, stored, _ = load_checkpoint(path)
-    model = DalleTransformer(from_dict(PriorConfig, stored, str(path)))
+    config = from_dict(PriorConfig, stored, str(path))
+    check_weights(DalleTransformer, config, weights, str(path))
+    model = DalleTransformer(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

@@ -15,6 +15,7 @@ update at step index i) and, after the loop, its evaluation. The loop owns the r
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,15 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
-from dalle.errors import CheckpointError
+from dalle.errors import CheckpointError, DalleError
 from dalle.io import load_checkpoint, remove_checkpoint, save_checkpoint
 from dalle.train.common import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
+
+
+class Diverged(DalleError):
+    """Training produced non-finite losses or weights; nothing is saved or exported."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,17 @@ class LocalStore:
             weights, _, state = load_checkpoint(self.path, self.config, with_state=True)
         except CheckpointError as exc:
             raise CheckpointError(f"{exc.one_line()} (delete it to start over)") from None
-        loop.model.load_state_dict(weights)
-        loop.optimizer.load_state_dict(state["optimizer"])
-        loop.strategy.load_state_dict(state["strategy"])
-        set_rng_state(state["rng"])
-        loop.load_extra(state["extra"])
-        return int(state["step"])
+        try:  # a state that parses but does not fit this model/optimiser (tampered, other code)
+            loop.model.load_state_dict(weights)
+            loop.optimizer.load_state_dict(state["optimizer"])
+            loop.strategy.load_state_dict(state["strategy"])
+            set_rng_state(state["rng"])
+            loop.load_extra(state["extra"])
+            return int(state["step"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+            raise CheckpointError(f"{self.path}: the training state cannot be restored ({detail}); "
+                                  "delete it to start over") from None
 
     def save(self, loop: "Loop") -> None:
         state = {"step": loop.step, "optimizer": loop.optimizer.state_dict(),
@@ -108,6 +118,7 @@ class Loop:
     load_extra: Callable[[dict[str, Any]], None] = lambda state: None
     hooks: list[tuple[int, Callable[[int], None]]] = field(default_factory=list)  # (every, fn)
     step: int = 0
+    bad_rows: int = 0  # logged rows in a row whose loss was NaN or infinite
 
     def run(self) -> tuple[float, float]:
         """Train to the end; returns (seconds, items per second) of this process's own steps."""
@@ -129,11 +140,31 @@ class Loop:
                 row = self.log_row(out, items / max(time.perf_counter() - t0, 1e-9))
                 self.tracker.log_metrics(row, step=self.step)
                 bar.set_postfix(self.postfix(row))
+                self._check_loss(row)
             for every, hook in self.hooks:
                 if self.step % every == 0:
                     hook(self.step)
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self._check_weights()  # a diverged state is never saved (nor exported)
                 self.store.save(self)
         bar.close()
+        self._check_weights()
         seconds = time.perf_counter() - t0
         return seconds, items / max(seconds, 1e-9)
+
+    def _check_loss(self, row: dict[str, float], patience: int = 3) -> None:
+        """Stop with one line after `patience` logged rows in a row with a NaN/inf loss."""
+        loss = row.get("loss")
+        if loss is None or math.isfinite(loss):
+            self.bad_rows = 0
+            return
+        self.bad_rows += 1
+        if self.bad_rows >= patience:
+            raise Diverged(f"{self.name}: the loss was {loss} for {self.bad_rows} logged rows in a "
+                           f"row (step {self.step}); nothing further is saved - lower the learning "
+                           "rate or check the data, then rerun (it resumes from the last checkpoint)")
+
+    def _check_weights(self) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise Diverged(f"{self.name}: the weights hold NaN/inf at step {self.step}; nothing "
+                           "further is saved - lower the learning rate or check the data")
