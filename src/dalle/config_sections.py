@@ -92,6 +92,7 @@ class WebDataset(Section):
     paths: StrTup  # tar shards or globs (e.g. img2dataset output); one output shard per tar
     min_side: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
+    max_bytes: int = Field(gt=0)  # cap on one sample's members, read before decompressing them
     image_format: Literal["jpg", "png"]
     jpeg_quality: int = Field(ge=1, le=100)
 

@@ -4,7 +4,9 @@
 * a directory of images (any depth) where `photo.jpg` has its caption in `photo.txt`;
 * a COCO `captions_*.json` file, or a directory holding such files (top level or `annotations/`).
   One sample per image: the caption with the lowest annotation id; all captions in its metadata.
-  Images are looked up next to the json, in `<root>/<split>/` (e.g. `val2017/`) and in `<root>/`.
+  Images are looked up next to the json, in `<root>/<split>/` (e.g. `val2017/`) and in `<root>/`;
+  a `file_name` that is absolute or holds `..` is refused (the row's error `unsafe_path`), and so
+  is any entry of the wrong shape (`bad_entry`); a null caption is no caption.
 
 Rows are listed in a sorted, deterministic order; shard i holds rows [i * shard_size, ...), so a
 rerun skips completed shards. Images are normalised by `dalle.data.images` in a thread pool.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +27,13 @@ from tqdm import tqdm
 from dalle.catalog import Artefacts
 from dalle.config_sections import Data
 from dalle.data import shards
-from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
+from dalle.data.source_common import check_resume, fingerprint, guard_row, shard_key, summarise
 from dalle.data.images import IMAGE_EXTS, ImageRejected, process_image
 from dalle.errors import DataError
 
 log = logging.getLogger(__name__)
 SOURCE = "folder"
+_MAX_CAPTION = 1 << 20  # bytes read of a sidecar caption (the tokenizer keeps text_len tokens)
 
 
 @dataclass(frozen=True)
@@ -48,31 +52,88 @@ def _coco_files(root: Path) -> list[Path]:
     return found
 
 
-def _coco_rows(path: Path, root: Path) -> list[Row]:
+def _coco_doc(path: Path) -> tuple[list, list]:
+    """The `images` and `annotations` lists of a COCO caption file; one DataError line when the
+    file is not JSON or they are not lists."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        images, annotations = doc["images"], doc["annotations"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"COCO caption file {path} is not valid ({type(exc).__name__}: "
                         f"{str(exc)[:120]}); expected 'images' and 'annotations'") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"COCO caption file {path} holds a {type(doc).__name__}; expected an "
+                        "object with 'images' and 'annotations'")
+    for name in ("images", "annotations"):
+        if not isinstance(doc.get(name), list):
+            found = "nothing" if doc.get(name) is None else f"type {type(doc[name]).__name__}"
+            raise DataError(f"COCO caption file {path}: {name!r} must be a list of objects, "
+                            f"found {found}")
+    return doc["images"], doc["annotations"]
+
+
+def _id(value: Any) -> Optional[tuple[str, Any]]:
+    """A COCO id as a dict key (ints and strings only; True is not the id 1)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return type(value).__name__, value
+    return None
+
+
+def unsafe_name(name: str) -> Optional[str]:
+    """Why a relative file name from an input file may not be opened (None: it may): absolute,
+    `..`, a drive, a NUL byte - it must stay inside the folder it is looked up in."""
+    if "\x00" in name:
+        return "contains a NUL byte"
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) or ".." in posix.split("/"):
+        return "is absolute or contains '..'"
+    return None
+
+
+def _captions(annotations: list) -> dict[tuple[str, Any], list[str]]:
+    """image id -> its captions in annotation-id order; a null, non-text or orphan caption is
+    dropped (never stored as the text 'None')."""
+    found: dict[tuple[str, Any], list[tuple[tuple, str]]] = {}
+    for ann in annotations:
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
+            continue
+        image_id, order = _id(ann.get("image_id")), _id(ann.get("id", 0)) or ("", "")
+        if image_id is not None:
+            found.setdefault(image_id, []).append((order, ann["caption"].strip()))
+    return {k: [c for _, c in sorted(v, key=lambda e: e[0])] for k, v in found.items()}
+
+
+def _coco_row(index: int, image: Any, captions: dict, dirs: list[Path], path: Path,
+              split: str) -> Row:
+    if not isinstance(image, dict):
+        return Row(None, f"images[{index}]", "", {"coco_split": split},
+                   f"bad_entry: images[{index}] is not an object ({type(image).__name__})")
+    image_id, name = _id(image.get("id")), image.get("file_name")
+    shown = name if isinstance(name, str) else f"images[{index}]"
+    meta = {"coco_id": image.get("id") if image_id else None, "coco_split": split}
+    if image_id is None or not isinstance(name, str) or not name:
+        return Row(None, shown, "", meta, f"bad_entry: images[{index}] needs an int or string "
+                                          "'id' and a 'file_name'")
+    why = unsafe_name(name)
+    if why is not None:
+        return Row(None, name, "", meta, f"unsafe_path: file_name {name!r} {why}")
+    caps = captions.get(image_id, [])
+    meta["captions"] = caps
+    found = next((d / name for d in dirs if (d / name).is_file()), None)
+    error = None if found else f"missing_image: {name!r} not found near {path.name}"
+    if found and not caps:
+        error = f"no_caption: image id {image_id[1]!r} has no caption"
+    return Row(found, name, caps[0] if caps else "", meta, error)
+
+
+def _coco_rows(path: Path, root: Path) -> list[Row]:
+    images, annotations = _coco_doc(path)
     split = path.stem.split("captions_", 1)[-1]  # e.g. "val2017"
     base = root if root.is_dir() else path.parent
     dirs = [path.parent, path.parent.parent / split, base / split, base]
-    captions: dict[Any, list[tuple[Any, str]]] = {}
-    for ann in annotations:
-        entry = (ann.get("id", 0), str(ann.get("caption", "")))
-        captions.setdefault(ann.get("image_id"), []).append(entry)
-    rows = []
-    for image in sorted(images, key=lambda im: str(im.get("id"))):
-        name = str(image.get("file_name", ""))
-        caps = [c.strip() for _, c in sorted(captions.get(image.get("id"), []))]
-        found = next((d / name for d in dirs if name and (d / name).is_file()), None)
-        meta = {"coco_id": image.get("id"), "coco_split": split, "captions": caps}
-        error = None if found else f"missing_image: {name!r} not found near {path.name}"
-        if found and not caps:
-            error = f"no_caption: image id {image.get('id')} has no annotation"
-        rows.append(Row(found, name, caps[0] if caps else "", meta, error))
-    return rows
+    captions = _captions(annotations)
+    order = sorted(range(len(images)), key=lambda i: (
+        str(images[i].get("id")) if isinstance(images[i], dict) else "", i))
+    return [_coco_row(i, images[i], captions, dirs, path, split) for i in order]
 
 
 def _sidecar_rows(root: Path) -> list[Row]:
@@ -81,11 +142,20 @@ def _sidecar_rows(root: Path) -> list[Row]:
     for image in sorted(images):
         name = image.relative_to(root).as_posix()
         txt = image.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+        caption = _read_caption(txt) if txt.is_file() else ""
         why = "empty" if txt.is_file() else "missing"
         error = None if caption else f"no_caption: {why} {txt.name}"
         rows.append(Row(image, name, caption, {}, error))
     return rows
+
+
+def _read_caption(txt: Path) -> str:
+    """A sidecar caption (at most _MAX_CAPTION bytes; undecodable bytes become U+FFFD)."""
+    try:
+        with open(txt, "rb") as fh:
+            return fh.read(_MAX_CAPTION).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""  # unreadable: the row fails as no_caption
 
 
 def list_rows(path_str: Optional[str]) -> list[Row]:
@@ -105,6 +175,12 @@ def list_rows(path_str: Optional[str]) -> list[Row]:
 
 
 def load_sample(key: str, row: Row, data_cfg: Data) -> shards.Sample:
+    """One row -> its sample; never raises (a failure is the row's error)."""
+    return guard_row(lambda: _load(key, row, data_cfg), key, row.caption, row.name, SOURCE,
+                     data_cfg.folder.image_format)
+
+
+def _load(key: str, row: Row, data_cfg: Data) -> shards.Sample:
     cfg = data_cfg.folder
     meta = dict(row.meta, path=row.name)
     error = row.error

@@ -4,7 +4,7 @@ One entry point, `process_image(data, size, ...)`: open the bytes with PIL, refu
 usable image with a short reason (`ImageRejected.kind`), convert any mode to RGB, resize the
 shorter side to `size`, centre-crop to `size x size` and re-encode (JPEG or PNG). The reasons are
 the manifest's `error` column: `not_an_image`, `truncated`, `too_small`, `decompression_bomb`,
-`unsupported`.
+`unsupported`, `undecodable` (a decoder failing in any other way on a crafted file).
 
 Safety: PIL's decompression-bomb guard stays on (`Image.MAX_IMAGE_PIXELS`), and the pixel count is
 checked against `max_pixels` from the header alone, before a single pixel is decoded. Truncated
@@ -59,10 +59,16 @@ def open_image(data: bytes, max_pixels: int, min_side: int = 1) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("decompression_bomb", str(exc).split(".")[0]) from None
-    except (UnidentifiedImageError, ValueError, SyntaxError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a crafted header can raise anything in a plugin
         head = data[:16]
         kind = "truncated" if _looks_like_image(head) else "not_an_image"
-        raise ImageRejected(kind, f"cannot identify image ({len(data)} bytes: {exc})") from None
+        raise ImageRejected(kind, f"cannot identify image ({len(data)} bytes: "
+                                  f"{type(exc).__name__}: {exc})"[:300]) from None
+    return check_size(img, max_pixels, min_side)
+
+
+def check_size(img: Image.Image, max_pixels: int, min_side: int = 1) -> Image.Image:
+    """Refuse from the header alone (nothing decoded): more than `max_pixels`, or too small."""
     width, height = img.size
     if width * height > max_pixels:
         raise ImageRejected("decompression_bomb", f"{width}x{height} = {width * height} pixels "
@@ -89,11 +95,19 @@ def load_rgb(img: Image.Image, draft_size: int | None = None) -> Image.Image:
         raise ImageRejected("decompression_bomb", str(exc).split(".")[0]) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageRejected("truncated", f"cannot decode pixels ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a crafted file can raise anything in a decoder
+        raise ImageRejected("undecodable", f"{type(exc).__name__}: {exc}"[:200]) from None
     try:
         ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
-    except (OSError, ValueError, SyntaxError):
-        pass  # a broken EXIF block: keep the pixels as stored
-    return to_rgb(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        pass
+    try:
+        return to_rgb(img)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a mode PIL cannot convert
+        detail = f"{img.mode}: {type(exc).__name__}: {exc}"[:200]
+        raise ImageRejected("unsupported", detail) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -154,9 +168,10 @@ def process_image(data: bytes, size: int, *, min_side: int = 1, max_pixels: int 
     return Processed(out, fmt, rgb.width, rgb.height, ow, oh, ofmt, omode)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Stored image bytes -> uint8 [H, W, 3] (for dedup and readers)."""
-    with Image.open(io.BytesIO(data)) as img:
+def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> np.ndarray:
+    """Stored image bytes -> uint8 [H, W, 3] (for dedup and readers); the size is checked from
+    the header before any pixel is decoded (ImageRejected)."""
+    with open_image(data, max_pixels) as img:
         return np.asarray(to_rgb(img))
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -102,19 +104,40 @@ def _image_size(data: bytes, key: str) -> tuple[int, int]:
         raise DataError(f"sample {key!r}: image bytes are not a readable image ({exc})") from None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # C0 and C1 control characters, tab and newline included
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # C0 and C1 controls, tab and newline included
+_SURROGATE = re.compile("[\ud800-\udfff]")  # not Unicode scalar values: cannot be UTF-8 encoded
+
+
+def clean_text(text: Any) -> str:
+    """Text that can be stored: lone surrogates (a non-UTF-8 byte in a file name, a "\\ud800"
+    escape in a JSON caption) become U+FFFD, like undecodable bytes do."""
+    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def clean_caption(sample: Sample) -> Sample:
     """Control characters (NUL, escape sequences' ESC, bell, newlines...) become one space, so a
-    caption cannot drive a terminal that prints it; a caption of nothing else is a failed sample."""
-    caption = _CONTROL.sub(" ", sample.caption).strip()
-    if caption == sample.caption:
+    caption cannot drive a terminal that prints it; a caption of nothing else is a failed sample.
+    Every text field is made storable (`clean_text`)."""
+    caption = _CONTROL.sub(" ", clean_text(sample.caption)).strip()
+    url = None if sample.url is None else clean_text(sample.url)
+    error = None if sample.error is None else clean_text(sample.error)
+    if (caption, url, error) == (sample.caption, sample.url, sample.error):
         return sample
     if not caption and sample.status == "ok":
-        return replace(sample, caption="", status="failed",
-                       error="no_caption: only control characters")
-    return replace(sample, caption=caption)
+        why = "only control characters" if clean_text(sample.caption).strip() else "empty caption"
+        return replace(sample, caption="", url=url, status="failed", error=f"no_caption: {why}")
+    return replace(sample, caption=caption, url=url, error=error)
+
+
+def meta_json(meta: dict[str, Any]) -> bytes:
+    """A sample's metadata as the bytes of its `.json` member: strict, storable JSON (a lone
+    surrogate in any string becomes U+FFFD; json writes every non-BMP character as \\ud...)."""
+    text = json.dumps(meta, sort_keys=True, default=str)
+    if "\\ud" in text:
+        raw = json.dumps(meta, sort_keys=True, default=str, ensure_ascii=False)
+        text = json.dumps(json.loads(clean_text(raw)), sort_keys=True)
+    return text.encode("utf-8")
 
 
 def _row(sample: Sample, split: str, index: int) -> dict[str, Any]:
@@ -128,6 +151,16 @@ def _row(sample: Sample, split: str, index: int) -> dict[str, Any]:
             "error": None if ok else (sample.error or "failed: no image"),
             "sha256": hashlib.sha256(data).hexdigest() if data is not None and ok else None,
             "width": width, "height": height, "split": split, "shard": index}
+
+
+def _with_meta(sample: Sample) -> tuple[Sample, bytes]:
+    """(sample, its `.json` member); metadata that cannot be stored fails the sample instead."""
+    meta = dict(sample.meta, key=sample.key, url=sample.url, caption=sample.caption)
+    try:
+        return sample, meta_json(meta)
+    except (ValueError, TypeError, RecursionError) as exc:
+        error = f"bad_metadata: cannot be stored as JSON ({type(exc).__name__})"
+        return replace(sample, image_bytes=None, status="failed", error=error), b""
 
 
 def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -148,15 +181,16 @@ def write_shard(out_dir: str | Path, index: int, samples: Iterable[Sample],
                     raise DataError(f"shard {index}: sample key {sample.key!r} is duplicated "
                                     "or contains '/' or '.'")
                 seen.add(sample.key)
+                meta = b""
+                if sample.status == "ok" and sample.image_bytes is not None:
+                    sample, meta = _with_meta(sample)
                 row = _row(sample, split_fn(sample.key), index)
                 rows.append(row)
                 if row["status"] == "ok" and sample.image_bytes is not None:
                     ext = sample.ext.lower().lstrip(".")
                     _tar_member(tar, f"{sample.key}.{ext}", sample.image_bytes)
                     _tar_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-                    meta = dict(sample.meta, key=sample.key, url=sample.url, caption=sample.caption)
-                    _tar_member(tar, f"{sample.key}.json",
-                                json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
+                    _tar_member(tar, f"{sample.key}.json", meta)
     frame = manifest_frame(rows)
     failed = frame.loc[frame["status"] != "ok", "error"].astype(str)
     kinds = failed.str.split(":").str[0].value_counts()
@@ -207,39 +241,76 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 Record = tuple[str, Optional[str], Optional[bytes], Optional[str], dict]
+MAX_SAMPLE_BYTES = 1 << 28  # default cap of one sample's members (data.webdataset.max_bytes)
+MAX_MEMBERS = 64  # members of one sample (key.jpg, key.txt, key.json, ...)
 
 
-def _record(key: str, parts: dict[str, bytes]) -> Record:
+@dataclass
+class TarSample:
+    """One sample of a tar shard; `error` ("<kind>: <detail>") when it cannot be used."""
+
+    key: str
+    ext: Optional[str]
+    image: Optional[bytes]
+    caption: Optional[str]
+    meta: dict
+    error: Optional[str] = None
+
+
+def _sample(key: str, parts: dict[str, bytes], error: Optional[str]) -> TarSample:
     images = [e for e in parts if e in IMAGE_EXTS]
     ext = images[0] if images else ",".join(sorted(parts)) or None
     caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
-    try:
-        meta = json.loads(parts["json"]) if "json" in parts else {}
-    except ValueError:
-        meta = {}
-    return key, ext, (parts[images[0]] if images else None), caption, (
-        meta if isinstance(meta, dict) else {})
+    meta: Any = {}
+    if error is None and "json" in parts:
+        try:  # any failure to parse is this sample's error, not the shard's
+            meta = json.loads(parts["json"])
+            json.dumps(meta)  # (and it must be storable again)
+            if not isinstance(meta, dict):
+                error = f"bad_metadata: {key}.json is a {type(meta).__name__}, not an object"
+        except (ValueError, TypeError, RecursionError) as exc:
+            error = f"bad_metadata: {key}.json is not JSON ({type(exc).__name__}: {exc})"[:300]
+        meta = meta if error is None else {}
+    image = parts[images[0]] if images and error is None else None
+    return TarSample(key, ext, image, caption, meta, error)
 
 
-def iter_tar(path: str | Path) -> Iterator[Record]:
-    """Yield (key, ext, image_bytes|None, caption|None, meta) per sample; never writes anything."""
+def read_samples(path: str | Path, max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[TarSample]:
+    """Every sample of a tar (any compression), never extracting anything: unsafe member names
+    and links are refused for the whole tar (DataError); a sample whose members exceed
+    `max_bytes` in all (their declared size, so nothing is decompressed into memory past the
+    cap) or number more than MAX_MEMBERS is kept as an error; so is unparsable metadata."""
     tar_path = Path(path)
     try:
         with tarfile.open(tar_path, "r:*") as tar:
             key: Optional[str] = None
             parts: dict[str, bytes] = {}
+            size, error = 0, None
             for member in tar:
                 _check_member(tar_path, member)
                 if member.isdir():
                     continue
                 mkey, ext = _split_name(member.name)
                 if key is not None and mkey != key:
-                    yield _record(key, parts)
-                    parts = {}
+                    yield _sample(key, parts, error)
+                    parts, size, error = {}, 0, None
                 key = mkey
-                handle = tar.extractfile(member)
-                parts[ext] = handle.read() if handle is not None else b""
+                size += member.size
+                if error is None and (size > max_bytes or len(parts) >= MAX_MEMBERS):
+                    error = (f"too_large: members of {key} exceed {max_bytes} bytes"
+                             if size > max_bytes else f"too_large: over {MAX_MEMBERS} members")
+                    parts = {}
+                if error is None:
+                    handle = tar.extractfile(member)
+                    parts[ext] = handle.read(member.size) if handle is not None else b""
             if key is not None:
-                yield _record(key, parts)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                yield _sample(key, parts, error)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"{tar_path}: not a readable tar shard ({exc})") from None
+
+
+def iter_tar(path: str | Path) -> Iterator[Record]:
+    """Yield (key, ext, image_bytes|None, caption|None, meta) per sample; never writes anything
+    (a sample `read_samples` refuses comes with no image)."""
+    for sample in read_samples(path):
+        yield sample.key, sample.ext, sample.image, sample.caption, sample.meta

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from dalle.catalog import Artefacts
 from dalle.data import shards
@@ -19,6 +22,69 @@ def shard_key(shard: int, position: int, shard_size: int) -> str:
     """img2dataset's key: zero-padded shard index, then the position in the shard."""
     width = max(4, len(str(shard_size - 1)))
     return f"{shard:05d}{position:0{width}d}"
+
+
+def guard_row(make: Callable[[], shards.Sample], key: str, caption: str, url: Optional[str],
+              source: str, ext: str) -> shards.Sample:
+    """`make()`, or, if it raises anything, that row as a failed sample whose error names the
+    exception: one bad row never stops a collection (docs/reliability.md)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - any per-row failure is that row's error
+        log.debug("%s: row %s failed", source, key, exc_info=True)
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return shards.Sample(key=key, caption=str(caption), image_bytes=None, ext=ext, meta={},
+                             status="failed", error=f"unexpected: {detail}"[:500], url=url,
+                             source=source)
+
+
+class DaemonPool:
+    """A minimal thread pool (`submit` -> Future) whose threads are daemons: when the collect is
+    interrupted (SIGTERM, Ctrl-C) the process exits at once instead of joining threads still
+    blocked in a download (each is bounded by its deadline, but a row may retry)."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+                future.set_exception(exc)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Stop the threads once the queue is done (`cancel`: drop what has not started)."""
+        while cancel:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def __enter__(self) -> "DaemonPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(cancel=exc[0] is not None)
 
 
 def summarise(art: Artefacts, n_rows: Optional[int], n_new: int, tracker: Any, source: str

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from dalle.catalog import Artefacts
 from dalle.config_sections import Data, UrlList
 from dalle.data import shards
-from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
+from dalle.data.source_common import (DaemonPool, check_resume, fingerprint, guard_row, shard_key,
+                                      summarise)
 from dalle.data.fetch import FetchError, FetchPolicy, HostLimiter, fetch
 from dalle.data.images import ImageRejected, process_image
 from dalle.errors import DataError
@@ -45,7 +46,7 @@ def _read_table(path: Path, cfg: UrlList) -> pd.DataFrame:
         sep = "," if ".csv" in suffixes else "\t"
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, header=None if names
                            else "infer", names=names, quoting=3 if sep == "\t" else 0,
-                           on_bad_lines="error")
+                           on_bad_lines="error", encoding_errors="replace")
     except pd.errors.EmptyDataError:
         raise DataError(f"url list {path} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
@@ -82,6 +83,12 @@ def read_url_list(cfg: UrlList) -> pd.DataFrame:
 def download_sample(key: str, url: str, caption: str, data_cfg: Data, policy: FetchPolicy,
                     limiter: HostLimiter) -> shards.Sample:
     """Fetch + normalise one row; never raises for a bad row (status "failed" + error)."""
+    return guard_row(lambda: _download(key, url, caption, data_cfg, policy, limiter), key,
+                     caption, url, SOURCE, data_cfg.url_list.image_format)
+
+
+def _download(key: str, url: str, caption: str, data_cfg: Data, policy: FetchPolicy,
+              limiter: HostLimiter) -> shards.Sample:
     cfg = data_cfg.url_list
     meta: dict[str, Any] = {"url": url}
     try:
@@ -119,19 +126,14 @@ def collect_urls(data_cfg: Data, art: Artefacts, tracker: Any, seed: int,
     bar = tqdm(total=len(table), initial=sum(len(table.iloc[i * size:(i + 1) * size]) for i in done
                                              if i < n_shards), desc="collect: urls", unit="url")
     start, fetched = time.perf_counter(), 0
-    with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fetch") as pool:
+    with DaemonPool(cfg.workers, "fetch") as pool:  # an interrupt does not wait for downloads
         window: deque[tuple[int, list[Future]]] = deque()
-        pending = iter(todo)
-        try:
-            for shard in pending:
-                window.append((shard, _submit_shard(pool, table, shard, data_cfg, policy, limiter)))
-                if len(window) >= _WINDOW:
-                    fetched += _finish_shard(out, *window.popleft(), split_fn, bar, on_shard_done)
-            while window:
+        for shard in todo:
+            window.append((shard, _submit_shard(pool, table, shard, data_cfg, policy, limiter)))
+            if len(window) >= _WINDOW:
                 fetched += _finish_shard(out, *window.popleft(), split_fn, bar, on_shard_done)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        while window:
+            fetched += _finish_shard(out, *window.popleft(), split_fn, bar, on_shard_done)
     bar.close()
     seconds = time.perf_counter() - start
     metrics = summarise(art, len(table), len(todo), tracker, SOURCE)
@@ -139,7 +141,7 @@ def collect_urls(data_cfg: Data, art: Artefacts, tracker: Any, seed: int,
     return metrics
 
 
-def _submit_shard(pool: ThreadPoolExecutor, table: pd.DataFrame, shard: int, data_cfg: Data,
+def _submit_shard(pool: DaemonPool, table: pd.DataFrame, shard: int, data_cfg: Data,
                   policy: FetchPolicy, limiter: HostLimiter) -> list[Future]:
     size = data_cfg.shard_size
     rows = table.iloc[shard * size:(shard + 1) * size]

@@ -1,11 +1,13 @@
 """The `webdataset` source: existing tar shards (e.g. img2dataset output) ingested as they are.
 
 `data.webdataset.paths` lists tar files or globs, expanded in sorted order. Input tar i becomes
-output shard i (so a rerun skips what is complete). Members are read with `shards.iter_tar`,
+output shard i (so a rerun skips what is complete). Members are read with `shards.read_samples`,
 which never extracts anything to disk and refuses unsafe member names (`..`, absolute paths,
 links, devices) with a DataError naming the member: nothing is ever written outside
-the raw shards. Images are normalised like every other source (size, RGB, format); the original
-key, url and metadata are kept in the sample's json.
+the raw shards. A sample whose members exceed `data.webdataset.max_bytes` (by their declared
+size, before anything is decompressed), whose metadata does not parse, or that fails in any other
+way is that sample's failed manifest row. Images are normalised like every other source (size,
+RGB, format); the original key, url and metadata are kept in the sample's json.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dalle.catalog import Artefacts
 from dalle.config_sections import Data
 from dalle.data import shards
 from dalle.data.images import ImageRejected, process_image
-from dalle.data.source_common import check_resume, fingerprint, shard_key, summarise
+from dalle.data.source_common import check_resume, fingerprint, guard_row, shard_key, summarise
 from dalle.errors import DataError
 
 SOURCE = "webdataset"
@@ -39,28 +41,36 @@ def input_tars(patterns: tuple[str, ...]) -> list[Path]:
 
 
 def ingest_tar(tar: Path, shard: int, data_cfg: Data, shard_size: int) -> list[shards.Sample]:
-    cfg = data_cfg.webdataset
     samples = []
-    for pos, (key, ext, image, caption, meta) in enumerate(shards.iter_tar(tar)):
-        meta = dict(meta or {}, source_key=key, source_tar=tar.name)
-        url = str(meta.get("url") or f"{tar.name}#{key}")
+    for pos, found in enumerate(shards.read_samples(tar, data_cfg.webdataset.max_bytes)):
         new_key = shard_key(shard, pos, max(shard_size, pos + 1))
-        error = None if image is not None else f"no_image: member {key} has no image ({ext})"
-        if image is not None:
-            try:
-                img = process_image(image, data_cfg.image_size, min_side=cfg.min_side,
-                                    max_pixels=cfg.max_pixels, fmt=cfg.image_format,
-                                    quality=cfg.jpeg_quality)
-                samples.append(shards.Sample(
-                    key=new_key, caption=caption or "", image_bytes=img.data, ext=img.ext,
-                    meta=meta, status="ok", error=None, url=url, source=SOURCE))
-                continue
-            except ImageRejected as exc:
-                error = str(exc)
-        samples.append(shards.Sample(key=new_key, caption=caption or "", image_bytes=None,
-                                     ext=cfg.image_format, meta=meta, status="failed",
-                                     error=error, url=url, source=SOURCE))
+        url = f"{tar.name}#{found.key}"
+        fmt = data_cfg.webdataset.image_format
+        samples.append(guard_row(lambda: _ingest(found, new_key, tar, data_cfg), new_key,
+                                 found.caption or "", url, SOURCE, fmt))
     return samples
+
+
+def _ingest(found: shards.TarSample, new_key: str, tar: Path, data_cfg: Data) -> shards.Sample:
+    """One sample of an input tar -> the normalised sample, or a failed one with its reason."""
+    cfg = data_cfg.webdataset
+    meta = dict(found.meta, source_key=found.key, source_tar=tar.name)
+    url = str(meta.get("url") or f"{tar.name}#{found.key}")
+    caption = found.caption or ""
+    error = found.error or (None if found.image is not None
+                            else f"no_image: member {found.key} has no image ({found.ext})")
+    if error is None and found.image is not None:
+        try:
+            img = process_image(found.image, data_cfg.image_size, min_side=cfg.min_side,
+                                max_pixels=cfg.max_pixels, fmt=cfg.image_format,
+                                quality=cfg.jpeg_quality)
+            meta.update(original_width=img.original_width, original_height=img.original_height)
+            return shards.Sample(key=new_key, caption=caption, image_bytes=img.data, ext=img.ext,
+                                 meta=meta, status="ok", error=None, url=url, source=SOURCE)
+        except ImageRejected as exc:
+            error = str(exc)
+    return shards.Sample(key=new_key, caption=caption, image_bytes=None, ext=cfg.image_format,
+                         meta=meta, status="failed", error=error, url=url, source=SOURCE)
 
 
 def collect_webdataset(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) -> dict[str, Any]:
