@@ -283,7 +283,8 @@ class Evaluate(Section):
     rerank_sizes: IntTup  # paper fig. 9(c)
     inception_weights: Optional[str]  # local torch-fidelity Inception-v3 state dict
     batch_size: int = Field(gt=0)
-    cache_dir: str  # torch-fidelity feature cache of the real (val) images
+    cache_dir: str  # torch-fidelity feature cache of the real and generated images
+    device: Device  # where torch-fidelity extracts features
 
 
 class Schedule(Section):

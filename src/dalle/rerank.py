@@ -4,21 +4,25 @@ Two scorers share one interface, `Reranker.score(captions, images) -> float [B]`
 similarity of the normalised embeddings):
 * ours: the contrastive model of the train_clip stage, over the project's BPE tokens;
 * a real OpenAI/open_clip checkpoint at `rerank.clip_checkpoint` (a local path; nothing is
-  downloaded): architecture from `open_clip.create_model(rerank.clip_arch, pretrained=None)`,
-  weights via safetensors or `torch.load(weights_only=True)`.
+  downloaded), loaded by open_clip's own loader, `open_clip.create_model_and_transforms`: a
+  directory is `local-dir:` (its `open_clip_config.json` gives the architecture and the
+  `preprocess_cfg`, its weights file the weights); a file is the weights of `rerank.clip_arch`.
+  Images go through the model's own validation transform (its size, interpolation, crop, mean and
+  std from `preprocess_cfg`), so any open_clip checkpoint reranks with its own preprocessing.
 (The design put reranking in sample.py; it lives here, see docs/decisions.md.)
 """
 from __future__ import annotations
 
 import functools
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from PIL import Image
 
 from dalle.catalog import Artefacts
 from dalle.config_sections import Rerank
@@ -26,10 +30,6 @@ from dalle.data.tokenizer import load_tokenizer, tokenize
 from dalle.errors import CheckpointError, DataError
 from dalle.models.clip import load_clip
 from dalle.pixels import to_float, to_uint8
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass
 class Reranker:
@@ -61,74 +61,80 @@ class Reranker:
         return (img * txt[row]).sum(-1).numpy().astype(np.float32)
 
 
-def ours(art: Artefacts) -> Reranker:
-    """The reranker trained by train_clip."""
-    model = load_clip(art.clip)
+def ours(art: Artefacts, device: str | torch.device = "cpu") -> Reranker:
+    """The reranker trained by train_clip, computing on `device` (embeddings come back on CPU)."""
+    model = load_clip(art.clip).to(device)
     tokenizer = load_tokenizer(art.tokenizer)
     text_len = model.config.text_len
 
+    def image(x: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(x.to(device)).cpu()
+
     def text(captions: Sequence[str]) -> torch.Tensor:
         ids, lengths = tokenize(tokenizer, list(captions), text_len)
-        return model.encode_text(ids, lengths)
+        return model.encode_text(ids.to(device), lengths.to(device)).cpu()
 
-    return Reranker(model.encode_image, text, name="dalle-clip")
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"rerank.clip_checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
-        raise CheckpointError(f"rerank.clip_checkpoint {path} cannot be read as weights "
-                              f"({' '.join(str(exc).split())[:120]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"rerank.clip_checkpoint {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return Reranker(image, text, name="dalle-clip")
 
 
-def open_clip_model(cfg: Rerank) -> tuple[Any, Any]:
-    """(model, tokenizer) of an OpenAI/open_clip checkpoint at a local path."""
+def _source(cfg: Rerank) -> tuple[str, Optional[str]]:
+    """(model name, pretrained file) for open_clip: `local-dir:<dir>` for a directory holding
+    open_clip_config.json and weights, else the built-in `rerank.clip_arch` with the file."""
     import open_clip
 
+    path = Path(cfg.clip_checkpoint or "")
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise CheckpointError(f"rerank.clip_checkpoint {path} is a directory without "
+                                  "open_clip_config.json (open_clip's local-dir layout)")
+        if not any(any(path.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
+            raise CheckpointError(f"rerank.clip_checkpoint {path} holds no weights file "
+                                  "(*.safetensors, *.bin or *.pth)")  # open_clip would init randomly
+        return f"local-dir:{path}", None
+    if not path.is_file():
+        raise CheckpointError(f"rerank.clip_checkpoint {path} does not exist")
     if cfg.clip_arch not in open_clip.list_models():
         raise CheckpointError(f"rerank.clip_arch {cfg.clip_arch!r} is not an open_clip architecture")
-    model = open_clip.create_model(cfg.clip_arch, pretrained=None)
-    state = _read_state_dict(Path(cfg.clip_checkpoint or ""))
+    return cfg.clip_arch, str(path)
+
+
+def open_clip_model(cfg: Rerank, device: str = "cpu") -> tuple[Any, Any, Callable[[Any], torch.Tensor]]:
+    """(model, tokenizer, validation transform: PIL image -> [3, S, S]) of a local OpenAI/open_clip
+    checkpoint, through open_clip's own loader (strict loading of the weights)."""
+    import open_clip
+
+    name, pretrained = _source(cfg)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     device=device, weights_only=True)
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
         first = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"rerank.clip_checkpoint {cfg.clip_checkpoint} does not fit "
-                              f"rerank.clip_arch {cfg.clip_arch!r}: {first}") from None
-    return model.eval().requires_grad_(False), open_clip.get_tokenizer(cfg.clip_arch)
+        if "state_dict" in first or "size mismatch" in first or "Missing key" in first:
+            raise CheckpointError(f"rerank.clip_checkpoint {cfg.clip_checkpoint} does not fit "
+                                  f"{name!r}: {first}") from None
+        raise CheckpointError(f"rerank.clip_checkpoint {cfg.clip_checkpoint} cannot be read as "
+                              f"{name!r} weights ({first})") from None
+    return model.eval().requires_grad_(False), open_clip.get_tokenizer(name), preprocess
 
 
-def from_open_clip(cfg: Rerank) -> Reranker:
-    model, tokenizer = open_clip_model(cfg)
-    size = model.visual.image_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+def from_open_clip(cfg: Rerank, device: str = "cpu") -> Reranker:
+    model, tokenizer, preprocess = open_clip_model(cfg, device)
 
     def image(x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-        return F.normalize(model.encode_image((x - mean) / std), dim=-1)
+        """float [B, 3, H, W] in [0, 1] -> the model's own preprocessing -> normalised [B, D]."""
+        batch = torch.stack([preprocess(Image.fromarray(a)) for a in to_uint8(x)])  # [B, 3, S, S]
+        return F.normalize(model.encode_image(batch.to(device)), dim=-1).cpu()
 
     def text(captions: Sequence[str]) -> torch.Tensor:
-        return F.normalize(model.encode_text(tokenizer(list(captions))), dim=-1)
+        return F.normalize(model.encode_text(tokenizer(list(captions)).to(device)), dim=-1).cpu()
 
-    return Reranker(image, text, name=f"open_clip:{cfg.clip_arch}")
+    path = Path(cfg.clip_checkpoint or "")
+    return Reranker(image, text, name=f"open_clip:{path.name if path.is_dir() else cfg.clip_arch}")
 
 
-def load_reranker(cfg: Rerank, art: Artefacts) -> Reranker:
+def load_reranker(cfg: Rerank, art: Artefacts, device: str | torch.device = "cpu") -> Reranker:
     """`rerank.clip_checkpoint` when set (real CLIP weights), else our trained model."""
-    return from_open_clip(cfg) if cfg.clip_checkpoint else ours(art)
+    return from_open_clip(cfg, str(device)) if cfg.clip_checkpoint else ours(art, device)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

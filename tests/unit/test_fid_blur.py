@@ -87,3 +87,52 @@ def test_inception_weights_by_path_and_wrong_architecture(tmp_path):
         fid.inception_extractor(wrong)
     with pytest.raises(CheckpointError, match="does not exist"):
         fid.inception_extractor(tmp_path / "missing.pth")
+
+
+def _counting_extractor(tag: str) -> tuple[fid.Extractor, list[int]]:
+    seen: list[int] = []
+    proj = torch.randn(3 * 4 * 4, 8, generator=torch.Generator().manual_seed(0))
+
+    def encode(x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 8], counting images
+        seen.append(len(x))
+        return F.normalize(F.adaptive_avg_pool2d(x, 4).flatten(1) @ proj, dim=-1)
+
+    return fid.clip_extractor(encode, F.normalize(torch.randn(5, 8), dim=-1), f"count-{tag}", "fp"), seen
+
+
+def test_the_generated_set_is_extracted_once_across_reference_sets(tmp_path):
+    """evaluate scores each generated set against 'all' and 'no_overlap': its features come from
+    the cache the second time (keyed by extractor, fingerprint, the set's content and radius)."""
+    ext, seen = _counting_extractor("gen")
+    gen, all_val, no_overlap = _images(30, 3), _images(40, 4), _images(36, 5)
+    first = fid.fidelity(gen, all_val, 1, ext, "all", tmp_path)
+    assert sum(seen) == 30 + 40
+    again = fid.fidelity(gen, no_overlap, 1, ext, "no_overlap", tmp_path)
+    assert sum(seen) == 30 + 40 + 36  # only the new reference set was extracted
+    assert again["is"] == first["is"]  # IS reads the same cached logits
+    other = gen.copy()
+    other[7, 0, 0, 0] ^= 1  # one pixel of one image: another set, extracted anew
+    fid.fidelity(other, all_val, 1, ext, "all", tmp_path)
+    assert sum(seen) == 30 + 40 + 36 + 30
+    fid.fidelity(gen, all_val, 2, ext, "all", tmp_path)  # another radius: both anew
+    assert sum(seen) == 30 + 40 + 36 + 30 + 70
+
+
+def test_the_device_reaches_torch_fidelity(monkeypatch):
+    import torch_fidelity
+
+    calls = []
+    fake = {"frechet_inception_distance": 1.0, "inception_score_mean": 1.0, "inception_score_std": 0.0}
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kw: calls.append(kw) or fake)
+    ext = _extractor("dev")
+    for device in ("cpu", "cuda", torch.device("cuda", 1)):
+        fid.fidelity(_images(4, 0), _images(4, 1), 0, ext, "all", None, device=device)
+    assert [c["cuda"] for c in calls] == [False, True, True]
+
+
+def test_the_content_hash_sees_every_image():
+    images = _images(1000, 6, size=8)
+    changed = images.copy()
+    changed[1, 3, 3, 0] ^= 1  # outside the sampled fingerprint's stride
+    assert fid.fingerprint(changed) == fid.fingerprint(images)  # why it is not used for generated sets
+    assert fid.content_hash(changed) != fid.content_hash(images)

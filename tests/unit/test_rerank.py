@@ -73,16 +73,52 @@ def test_open_clip_wrong_architecture_and_bad_files_are_one_line(tmp_path):
     model = _tiny_open_clip(tmp_path)
     wrong = tmp_path / "wrong.pt"
     torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}, wrong)
-    with pytest.raises(CheckpointError, match="does not fit rerank.clip_arch 'dalle-tiny-test'"):
+    with pytest.raises(CheckpointError, match="does not fit 'dalle-tiny-test'"):
         from_open_clip(Rerank(clip_checkpoint=str(wrong), clip_arch="dalle-tiny-test"))
     with pytest.raises(CheckpointError, match="does not exist"):
         from_open_clip(Rerank(clip_checkpoint=str(tmp_path / "nope.pt"), clip_arch="dalle-tiny-test"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not weights at all")
-    with pytest.raises(CheckpointError, match="cannot be read as weights"):
+    with pytest.raises(CheckpointError, match="cannot be read as 'dalle-tiny-test' weights"):
         from_open_clip(Rerank(clip_checkpoint=str(junk), clip_arch="dalle-tiny-test"))
     with pytest.raises(CheckpointError, match="not an open_clip architecture"):
         from_open_clip(Rerank(clip_checkpoint=str(wrong), clip_arch="no-such-arch"))
+
+
+def test_an_open_clip_directory_loads_with_its_own_config_and_preprocessing(tmp_path):
+    """open_clip's local-dir layout: open_clip_config.json (model_cfg + preprocess_cfg) and a
+    weights file, written here; the reranker must use the checkpoint's own mean/std, size and
+    interpolation (the old loader hard-coded OpenAI's mean/std and bicubic resizing)."""
+    import open_clip
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    model = _tiny_open_clip(tmp_path)
+    cfg = json.loads((tmp_path / "cfg" / "dalle-tiny-test.json").read_text())
+    pre = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "shortest"}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "open_clip_model.safetensors"))
+    reranker = from_open_clip(Rerank(clip_checkpoint=str(ckpt), clip_arch="ViT-B-32"))  # arch from the dir
+    images = (np.random.default_rng(1).random((3, 40, 40, 3)) * 255).astype(np.uint8)
+    got = reranker.image_features(images)  # [3, 16]
+    ref_model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{ckpt}")
+    assert tuple(ref_model.visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        want = F.normalize(ref_model.eval().encode_image(
+            torch.stack([preprocess(Image.fromarray(a)) for a in images])), dim=-1)
+        openai = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(
+            open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        old = F.normalize(ref_model.encode_image(F.interpolate(openai, size=32, mode="bicubic")), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - old).abs().max() > 1e-2  # the hard-coded preprocessing gave other embeddings
+    assert reranker.name == "open_clip:ckpt"
+    scores = reranker.score(["a red circle"] * 3, images)
+    assert scores.shape == (3,)
+    (ckpt / "open_clip_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="holds no weights file"):
+        from_open_clip(Rerank(clip_checkpoint=str(ckpt), clip_arch="ViT-B-32"))
 
 
 def test_order_candidates_for_the_cli_ranks_float_images_best_first():

@@ -35,6 +35,7 @@ from dalle.models.dvae import DiscreteVAE, load_dvae
 from dalle.pixels import to_uint8
 from dalle.rerank import load_reranker
 from dalle.stage import Out, StageSpec
+from dalle.train.common import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def extractor(cfg: Evaluate, rerank_cfg: Rerank, art: Artefacts,
     """Inception-v3 from evaluate.inception_weights, else the contrastive image encoder."""
     if cfg.inception_weights:
         return F.inception_extractor(cfg.inception_weights)
-    reranker = load_reranker(rerank_cfg, art)
+    reranker = load_reranker(rerank_cfg, art, resolve_device(cfg.device))
     with torch.no_grad():
         classes = reranker.encode_text(class_captions)  # [K, D]
     source = Path(rerank_cfg.clip_checkpoint or art.clip)
@@ -124,7 +125,7 @@ def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, np.nd
     blur_rows, rerank_rows = [], []
     for kind, n, radius, ref in tqdm(jobs, desc="evaluate: FID/IS", unit="set"):
         row = {"rerank_size": n, **F.fidelity(images[n], refs[ref], radius, ext, ref,
-                                              cfg.cache_dir, cfg.batch_size)}
+                                              cfg.cache_dir, cfg.batch_size, resolve_device(cfg.device))}
         (blur_rows if kind == "blur" else rerank_rows).append(row)
     oracle = [r for n in sizes for r in oracle_rows(images[n], specs, cand["combos"], n)]
     return blur_rows, rerank_rows, oracle

@@ -6,8 +6,10 @@ Two feature extractors:
 * otherwise the contrastive model's image encoder, registered with
   `torch_fidelity.register_feature_extractor`: "embedding" (normalised image embedding) for FID,
   "logits" (scaled similarity to a fixed set of class captions) for IS.
-Every result records the extractor that produced it. The real set's features are cached per
-(extractor, reference set, radius, data fingerprint) so a changed radius never reuses features.
+Every result records the extractor that produced it. Features run on `evaluate.device`; both
+sets' features are cached per (extractor, its fingerprint, the set's content, radius): a changed
+radius or set never reuses features, and a generated set scored against several reference sets
+(all val images, val minus overlap) is extracted once.
 """
 from __future__ import annotations
 
@@ -45,16 +47,18 @@ def blur(images: np.ndarray, radius: float) -> np.ndarray:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """uint8 [N, H, W, 3] -> items uint8 [3, H, W] (torch-fidelity's input format)."""
+    """uint8 [N, H, W, 3] -> items uint8 [3, H, W] (torch-fidelity's input format), blurred with
+    `radius` as they are read: a set whose features come from the cache is never blurred."""
 
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
+    def __init__(self, images: np.ndarray, radius: float = 0.0) -> None:
+        self.images, self.radius = images, radius
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        image = blur(self.images[i:i + 1], self.radius)[0]  # [H, W, 3], as blur() of the whole set
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def _clip_extractor_class() -> type:
@@ -84,8 +88,9 @@ def _clip_extractor_class() -> type:
             return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            emb = self.encode(x.float().div(255.0)).double()  # [B, D]
-            feats = {"embedding": emb, "logits": 100.0 * emb @ self.classes.double().t()}
+            # the encoder returns [B, D] wherever its model lives; the features follow the input
+            emb = self.encode(x.float().div(255.0)).to(x.device).double()  # [B, D]
+            feats = {"embedding": emb, "logits": 100.0 * emb @ self.classes.to(x.device).double().t()}
             return tuple(feats[f] for f in self.features_list)
 
     return ContrastiveFeatures
@@ -138,6 +143,14 @@ def fingerprint(images: np.ndarray) -> str:
     return h.hexdigest()[:12]
 
 
+def content_hash(images: np.ndarray) -> str:
+    """Hash of every pixel of a set: best-of-n sets for neighbouring n differ in a few images
+    only, which a sampled fingerprint could miss (~1 GB/s)."""
+    h = hashlib.blake2b(str(images.shape).encode(), digest_size=8)
+    h.update(np.ascontiguousarray(images).data)
+    return h.hexdigest()
+
+
 def check_pair(generated: np.ndarray, real: np.ndarray) -> None:
     if len(generated) < 2 or len(real) < 2:
         raise DataError(f"FID needs at least 2 images per side, got {len(generated)} generated "
@@ -148,21 +161,28 @@ def check_pair(generated: np.ndarray, real: np.ndarray) -> None:
 
 
 def fidelity(generated: np.ndarray, real: np.ndarray, radius: float, extractor: Extractor,
-             real_tag: str, cache_root: Optional[str | Path], batch_size: int = 64) -> dict[str, Any]:
-    """FID + IS of blurred `generated` vs blurred `real` (both uint8 [N, H, W, 3])."""
+             real_tag: str, cache_root: Optional[str | Path], batch_size: int = 64,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
+    """FID + IS of blurred `generated` vs blurred `real` (both uint8 [N, H, W, 3]), features
+    extracted on `device`. Both sets' features are cached per (extractor, its weights'
+    fingerprint, the set's content, radius): the generated set of a sweep is scored against every
+    reference set but extracted once."""
     import torch_fidelity
 
     check_pair(generated, real)
-    cache = f"{extractor.name}-{extractor.fingerprint}-{real_tag}-{fingerprint(real)}-r{radius:g}"
+    head = f"{extractor.name}-{extractor.fingerprint}"
     kwargs = dict(extractor.kwargs)
     if cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        kwargs.update(cache=True, cache_root=str(cache_root), input2_cache_name=cache)
+        kwargs.update(cache=True, cache_root=str(cache_root),
+                      input1_cache_name=f"{head}-generated-{content_hash(generated)}-r{radius:g}",
+                      input2_cache_name=f"{head}-{real_tag}-{fingerprint(real)}-r{radius:g}")
     else:
         kwargs.update(cache=False)
     out = torch_fidelity.calculate_metrics(
-        input1=ImageSet(blur(generated, radius)), input2=ImageSet(blur(real, radius)),
-        fid=True, isc=True, isc_splits=max(1, min(10, len(generated) // 2)), cuda=False,
+        input1=ImageSet(generated, radius), input2=ImageSet(real, radius),
+        fid=True, isc=True, isc_splits=max(1, min(10, len(generated) // 2)),
+        cuda=torch.device(device).type == "cuda",
         batch_size=batch_size, verbose=False, samples_shuffle=False,
         save_cpu_ram=True, **kwargs)  # save_cpu_ram: no DataLoader workers for in-memory sets
     return {"fid": float(out["frechet_inception_distance"]),
