@@ -3,6 +3,8 @@ the 16-bit compensation that keeps small updates, scaled fp16 gradients that nev
 and the bytes per parameter measured on the prior's trainer."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -85,8 +87,9 @@ def test_clipping_of_16_bit_gradients_goes_through_the_factors() -> None:
 
 def _trainer(precision: str, store: bool) -> PriorTrainer:
     cfg = section("prior", precision=precision, store_16bit=store, batch_size=8)
-    text = torch.randint(0, 40, (16, 6), generator=torch.Generator().manual_seed(0))
-    data = TokenSet(torch.randint(0, 24, (16, 16)), text, torch.full((16,), 6), ["c"] * 16)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 40, (16, 6), generator=g)
+    data = TokenSet(torch.randint(0, 24, (16, 16), generator=g), text, torch.full((16,), 6), ["c"] * 16)
     torch.manual_seed(0)
     model = DalleTransformer(prior_config(n_layers=2, d_model=64, n_heads=4))
     return PriorTrainer(cfg, model, LocalStrategy(), data, None, 0, precision)
@@ -106,3 +109,33 @@ def test_bytes_per_resblock_parameter_measured_on_the_trainer() -> None:
     assert per_param == {"fp32": 16.0, "bf16": 10.0}
     fp32_store = _trainer("bf16", False)  # 16-bit arithmetic, fp32 storage: nothing converted
     assert all(p.dtype == torch.float32 for p in fp32_store.model.parameters())
+
+
+def _loop(trainer: PriorTrainer, path: Any, steps: int) -> Any:
+    from dalle.tracking import NullTracker
+    from dalle.train.loop import Cadence, LocalStore, Loop
+
+    return Loop("t", trainer.model, trainer.opt, trainer.strategy, Cadence(steps, 1, 2, 0.9),
+                LocalStore(path, {"k": 1}), NullTracker(), trainer.step, trainer.log_row,
+                extra_state=trainer.extra_state, load_extra=trainer.load_extra)
+
+
+def test_a_16_bit_run_resumes_exactly(tmp_path: Any) -> None:
+    """Weights, 16-bit compensation, bf16 moments, scales: a killed run continues bit for bit."""
+    straight = _trainer("bf16", True)
+    _loop(straight, tmp_path / "a.safetensors", 4).run()
+    first = _trainer("bf16", True)
+    step = first.step
+    first.step = lambda i: step(i) if i < 3 else (_ for _ in ()).throw(KeyboardInterrupt())  # type: ignore[method-assign]
+    killed = _loop(first, tmp_path / "b.safetensors", 4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()  # saved at step 2, dies in step 3
+    again = _trainer("bf16", True)
+    resumed = _loop(again, tmp_path / "b.safetensors", 4)
+    resumed.run()
+    assert resumed.step == 4
+    for a, b in zip(straight.model.parameters(), again.model.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for p, q in zip(straight.model.parameters(), again.model.parameters()):
+        sa, sb = straight.opt.state[p], again.opt.state[q]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
