@@ -10,14 +10,14 @@ import sys
 from typing import Optional, Sequence
 
 from dalle.commands import config_cmd, dvae_cmd, dvc_cmd, generate_cmd, runs_cmd
-from dalle.runner import configure_logging, run_guarded
+from dalle.runner import ArgumentParser, configure_logging, run_guarded
 
 # Command modules, in help order; each defines register(subparsers).
 COMMAND_MODULES = (config_cmd, runs_cmd, dvae_cmd, generate_cmd, dvc_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dalle", description="DALL-E pipeline tools.")
+    parser = ArgumentParser(prog="dalle", description="DALL-E pipeline tools.")  # 1-line errors
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMAND_MODULES:

@@ -12,35 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
-from urllib.parse import urlparse
 
 from dalle.config import REPO_ROOT, flatten, params_hash
 from dalle.errors import DalleError
+from dalle.runner import is_interrupt
+from dalle.tracking_store import (HTTP_LIMITS, TrackingError, probe_http, check_store,
+                                  mask_uri, store_errors)
 
 PIPELINE_ENV = "DALLE_PIPELINE_ID"
 GOOD_ALIAS = "good"  # MLflow reserves the alias `latest`; `models:/NAME/latest` is the newest version
 _MAX_PARAM_LEN = 6000
 T = TypeVar("T")
-
-
-class TrackingError(DalleError):
-    """The tracking server cannot be reached or refused a request."""
-
-
-def mask_uri(uri: str) -> str:
-    """Hide credentials in a URI for logs: http://user:secret@host -> http://***@host."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
+log = logging.getLogger(__name__)
 
 
 def original_root(root: Path = REPO_ROOT) -> Path:
@@ -154,14 +147,31 @@ class MlflowTracker(NullTracker):
         self.client = client
         self.run_id = run_id
         self.register = register
+        self.broken: Optional[str] = None  # why the store stopped answering mid-run
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def guarded(self, write: Callable[[], Any], always: bool = False) -> Any:
+        """Run one write to the store; if the store fails mid-run, warn once and log nothing more
+        (the stage's outputs and metrics files matter more than its record)."""
+        if self.broken is not None and not always:
+            return None
+        try:
+            return write()
+        except Exception as exc:  # noqa: BLE001 - any store failure
+            if self.broken is None:
+                self.broken = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+                log.warning("MLflow store stopped accepting writes (%s); run %s continues "
+                            "untracked", mask_uri(self.broken), self.run_id)
+            return None
+
+    def log_params(self, params: Mapping[str, Any], strict: bool = False) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, mask_uri(v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN])
                  for k, v in flatten(dict(params)).items()]  # no credentials of a URI in params
         for start in range(0, len(items), 100):
-            retry_locked(lambda: self.client.log_batch(self.run_id, params=items[start:start + 100]))
+            batch = items[start:start + 100]
+            write = lambda b=batch: retry_locked(lambda: self.client.log_batch(self.run_id, params=b))  # noqa: E731
+            write() if strict else self.guarded(write)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
@@ -170,21 +180,24 @@ class MlflowTracker(NullTracker):
         items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
-            retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items))
+            self.guarded(lambda: retry_locked(lambda: self.client.log_batch(self.run_id,
+                                                                            metrics=items)))
 
     def log_artifact(self, path: str | Path, subdir: Optional[str] = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), subdir or path.name)
+            self.guarded(lambda: self.client.log_artifacts(self.run_id, str(path),
+                                                           subdir or path.name))
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), subdir)
+            self.guarded(lambda: self.client.log_artifact(self.run_id, str(path), subdir))
 
     def log_dict(self, obj: Any, name: str) -> None:
-        self.client.log_dict(self.run_id, obj, name)
+        self.guarded(lambda: self.client.log_dict(self.run_id, obj, name))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
-            retry_locked(lambda: self.client.set_tag(self.run_id, key, str(value)))
+            self.guarded(lambda k=key, v=value: retry_locked(
+                lambda: self.client.set_tag(self.run_id, k, str(v))))
 
     def register_model(self, name: str, files: list[str | Path], description: str = "",
                        good: bool = True) -> Optional[str]:
@@ -197,6 +210,9 @@ class MlflowTracker(NullTracker):
             raise TrackingError(f"cannot register model {name!r}: {missing[0]} does not exist")
         for f in files:
             self.log_artifact(f, "model")
+        return self.guarded(lambda: self._register(name, description, good))
+
+    def _register(self, name: str, description: str, good: bool) -> str:
         with contextlib.suppress(Exception):  # exists already (or created concurrently)
             self.client.create_registered_model(name, description=description)
         version = retry_locked(lambda: self.client.create_model_version(
@@ -207,36 +223,44 @@ class MlflowTracker(NullTracker):
         return str(version.version)
 
 
-def _probe_http(uri: str, timeout: float = 3.0) -> None:
-    """GET <server>/health with a short timeout, so a dead server fails fast, not after retries."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in {"http", "https"}:
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered: reachable (proxies may not expose /health)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise TrackingError(f"MLflow server {mask_uri(uri)} is not reachable ({reason}); unset "
-                            "MLFLOW_TRACKING_URI (and tracking.uri) to use the embedded sqlite "
-                            "store, or set tracking.enabled: false") from None
-
-
 def check_reachable(configured: Optional[str] = None) -> str:
     """The tracking URI that would be used; raises TrackingError at once if it is a dead server."""
     uri = default_uri(configured)
-    _probe_http(uri)
+    probe_http(uri)
     return uri
 
 
-def make_client(uri: str) -> Any:
-    _probe_http(uri)
+def make_client(uri: str, write: bool = False) -> Any:
+    check_store(uri, write)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter on stderr
+    for var, value in HTTP_LIMITS.items():  # a server that errs or stalls: seconds, not minutes
+        os.environ.setdefault(var, value)
+    if write and uri.startswith("sqlite:///"):
+        _create_sqlite(uri)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _create_sqlite(uri: str) -> None:
+    """A new sqlite store is made under a temporary name and linked into place when complete:
+    a kill while MLflow creates its tables (seconds) never leaves a half-made store that every
+    later run would refuse. Two processes creating it at once: the first link wins."""
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from dalle.io import tmp_sibling  # (here: torch is not imported for every tracking use)
+
+    tmp = tmp_sibling(path)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root(uri))
+        store.engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
@@ -292,11 +316,12 @@ def open_pipeline(params: Any, pid: Optional[str] = None) -> Optional[PipelineRu
     if not tracking.enabled or process_rank() != 0:
         return None
     uri = default_uri(tracking.uri)
-    client = make_client(uri)
-    exp_id = _experiment_id(client, tracking.experiment, uri)
-    pid = pid or pipeline_id()
-    tags = {"dalle.git_commit": git_commit(), "dalle.params_hash": params_hash(params)}
-    run_id = _parent_run(client, exp_id, pid, {**tags, "dalle.pipeline_id": pid})
+    with store_errors(uri):
+        client = make_client(uri, write=True)
+        exp_id = _experiment_id(client, tracking.experiment, uri)
+        pid = pid or pipeline_id()
+        tags = {"dalle.git_commit": git_commit(), "dalle.params_hash": params_hash(params)}
+        run_id = _parent_run(client, exp_id, pid, {**tags, "dalle.pipeline_id": pid})
     with contextlib.suppress(Exception):  # same params already logged by an earlier stage
         MlflowTracker(client, run_id).log_params(params.model_dump(mode="json"))
     return PipelineRun(client, run_id, exp_id, uri)
@@ -326,8 +351,10 @@ def stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[N
     """Context for one stage: yields a tracker (Null when off or rank != 0) and ends the run.
 
     `params` is the full `dalle.config.Params`; all of it is logged (dotted names) so runs can be
-    compared on any knob, and its hash is a tag. The parent run ends FINISHED/FAILED with it.
-    """
+    compared on any knob, and its hash is a tag. A store that cannot be used fails here, before
+    any work, in one line (TrackingError); one that fails later costs a warning, not the stage
+    (`MlflowTracker`). The stage and parent runs end FINISHED, FAILED, or KILLED when SIGTERM or
+    SIGINT stopped the stage (dalle.runner)."""
     rank = process_rank() if rank is None else rank
     if not params.tracking.enabled or rank != 0:
         yield NullTracker()
@@ -338,14 +365,19 @@ def stage_run(stage: str, params: Any, rank: Optional[int] = None) -> Iterator[N
     tags = {"dalle.stage": stage, "dalle.git_commit": git_commit(), "dalle.kind": "stage",
             "dalle.params_hash": params_hash(params), "dalle.pipeline_id": pipeline_id(),
             "mlflow.parentRunId": pipe.run_id}
-    run = retry_locked(lambda: client.create_run(pipe.experiment_id, run_name=stage, tags=tags))
-    tracker = MlflowTracker(client, run.info.run_id, params.tracking.register_models)
-    tracker.log_params(params.model_dump(mode="json"))
+    with store_errors(pipe.uri):
+        run = retry_locked(lambda: client.create_run(pipe.experiment_id, run_name=stage, tags=tags))
+        tracker = MlflowTracker(client, run.info.run_id, params.tracking.register_models)
+        tracker.log_params(params.model_dump(mode="json"), strict=True)
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
-        _copy_final_metrics(client, run.info.run_id, pipe.run_id, stage)
+        tracker.guarded(lambda: _copy_final_metrics(client, run.info.run_id, pipe.run_id, stage))
+    except BaseException as exc:
+        status = "KILLED" if is_interrupt(exc) else "FAILED"
+        raise
     finally:
-        retry_locked(lambda: client.set_terminated(run.info.run_id, status=status))
-        retry_locked(lambda: client.set_terminated(pipe.run_id, status=status))
+        for run_id in (run.info.run_id, pipe.run_id):
+            tracker.guarded(lambda rid=run_id: retry_locked(
+                lambda: client.set_terminated(rid, status=status)), always=True)

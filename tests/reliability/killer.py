@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,17 +39,22 @@ class Outcome:
     events: int  # events counted before exit (or before the kill)
     stderr: str
     log: list[str]  # the events, in order ("commit <file>" / "progress <bar>")
+    survivors: list[int]  # processes of the stage's group still alive after it exited
 
 
-def _install_hooks(kill_at: Optional[int], count_file: Path) -> None:
+def _install_hooks(kill_at: Optional[int], count_file: Path, sig: int = signal.SIGKILL) -> None:
     import tqdm
 
     seen = [0]
+    once = count_file.with_name("signalled")
 
     def tick(what: str) -> None:
         seen[0] += 1
         if kill_at is not None and seen[0] >= kill_at:
-            os.killpg(0, signal.SIGKILL)  # the stage and any pool workers it forked
+            if sig == signal.SIGKILL:
+                os.killpg(0, signal.SIGKILL)  # the stage and any pool workers it forked
+            elif _first(once):  # one signal in all, whichever process gets here first
+                os.kill(os.getpgid(0), sig)  # the stage's main process (the group leader)
         with open(count_file, "a") as fh:  # plain append: survives the kill, not an event
             fh.write(f"{what}\n")
 
@@ -73,7 +79,16 @@ def _install_hooks(kill_at: Optional[int], count_file: Path) -> None:
     tqdm.tqdm.__iter__ = iterate
 
 
-def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd: Optional[str]) -> None:
+def _first(marker: Path) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd: Optional[str],
+           sig: int = signal.SIGKILL) -> None:
     count_file, err_file = Path(work) / "events", Path(work) / "stderr"
     if cwd is not None:
         os.chdir(cwd)
@@ -85,7 +100,7 @@ def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd:
 
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared 2-core machine
     os.environ["DALLE_LOG_LEVEL"] = "WARNING"
-    _install_hooks(kill_at, count_file)
+    _install_hooks(kill_at, count_file, sig)
     count_file.write_text("")
     code = 0
     try:
@@ -97,14 +112,14 @@ def _child(module: str, argv: list[str], kill_at: Optional[int], work: str, cwd:
 
 
 def run(module: str, argv: Sequence[str], work: Path, kill_at: Optional[int] = None,
-        timeout: float = 300.0, cwd: Optional[Path] = None) -> Outcome:
+        timeout: float = 300.0, cwd: Optional[Path] = None, sig: int = signal.SIGKILL) -> Outcome:
     """Run `module.main(argv)` in a fresh child (in `cwd`, created if given); `work` holds its
-    event log and stderr."""
+    event log and stderr. At event `kill_at`, `sig` (see the module docstring)."""
     work.mkdir(parents=True, exist_ok=True)
     if cwd is not None:
         cwd.mkdir(parents=True, exist_ok=True)
     proc = _CTX.Process(target=_child, args=(module, list(argv), kill_at, str(work),
-                                             None if cwd is None else str(cwd)))
+                                             None if cwd is None else str(cwd), sig))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -113,7 +128,25 @@ def run(module: str, argv: Sequence[str], work: Path, kill_at: Optional[int] = N
         raise TimeoutError(f"{module} did not finish in {timeout} s")
     stderr = (work / "stderr").read_text(errors="replace") if (work / "stderr").exists() else ""
     events = (work / "events").read_text().splitlines() if (work / "events").exists() else []
-    return Outcome(int(proc.exitcode or 0), len(events), stderr, events)
+    return Outcome(int(proc.exitcode or 0), len(events), stderr, events, group_members(proc.pid))
+
+
+def group_members(pgid: int, settle: float = 2.0) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, after up to `settle` s for killed
+    ones to be reaped."""
+    deadline = time.monotonic() + settle
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def kill_points(total: int, seed: int, n: int = 5) -> list[int]:
