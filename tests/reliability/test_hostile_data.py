@@ -111,6 +111,16 @@ def test_a_lone_surrogate_in_a_member_json(tmp_path: Path) -> None:  # listed
     assert {"x \ufffd y"} <= {m.get("note") for m in metas}
 
 
+def test_a_url_list_with_a_latin1_caption_is_read(tmp_path: Path) -> None:  # ours
+    """One undecodable byte in one caption used to refuse the whole list (UnicodeDecodeError)."""
+    from dalle.data.url_list import read_url_list
+    from tests.helpers import params
+
+    (tmp_path / "u.tsv").write_bytes(b"url\tcaption\nhttp://x/a.png\tcaf\xe9 au lait\n")
+    cfg = params(**{"data.url_list.path": str(tmp_path / "u.tsv")}).data.url_list
+    assert list(read_url_list(cfg)["caption"]) == ["caf\ufffd au lait"]
+
+
 def test_a_member_name_that_is_not_utf8(tmp_path: Path) -> None:  # ours
     tar = _tar(tmp_path, [(b"b\xe9d.png", png(3)), (b"b\xe9d.txt", b"a caption")])
     out, manifest = _collect(tmp_path, {**WDS, "data.webdataset.paths": [str(tar)]})
