@@ -142,12 +142,12 @@ class MlflowTracker(NullTracker):
     """Logs one run through MlflowClient (thread-safe; no fluent global state)."""
 
     enabled = True
+    broken: Optional[str] = None  # why the store stopped answering mid-run
 
     def __init__(self, client: Any, run_id: str, register: bool = True) -> None:
         self.client = client
         self.run_id = run_id
         self.register = register
-        self.broken: Optional[str] = None  # why the store stopped answering mid-run
 
     def guarded(self, write: Callable[[], Any], always: bool = False) -> Any:
         """Run one write to the store; if the store fails mid-run, warn once and log nothing more
