@@ -86,17 +86,19 @@ def stop_children() -> None:
             child.join(2.0)
 
 
-def _quiet_pool_race(args: Any, previous: Callable[[Any], Any] = threading.excepthook) -> None:
+def _quiet_pool_race(previous: Callable[[Any], Any]) -> Callable[[Any], None]:
     """Python < 3.12 (gh-107219): a process pool's manager thread, noticing its killed workers
     after their futures were cancelled, raises InvalidStateError; harmless while stopping."""
-    if not isinstance(args.exc_value, concurrent.futures.InvalidStateError):
-        previous(args)
+    def hook(args: Any) -> None:
+        if not isinstance(args.exc_value, concurrent.futures.InvalidStateError):
+            previous(args)
+    return hook
 
 
 def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
     for sig in EXIT_CODES:  # a second signal while unwinding: the default action, at once
         signal.signal(sig, signal.SIG_DFL)
-    threading.excepthook = _quiet_pool_race
+    threading.excepthook = _quiet_pool_race(threading.excepthook)
     stop_children()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
