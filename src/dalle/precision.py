@@ -3,13 +3,16 @@
 
 `auto` on CUDA follows the device: bf16 where it has bf16 tensor cores, else fp16 (the paper's
 V100 format, with per-resblock gradient scaling in the prior). On CPU it times the stage's own
-GEMMs (every F.linear / F.conv2d of one forward pass of its model, at their real shapes:
-`record_ops`) once in fp32 and in bf16 and runs the stage's short loss check (the model at its
-initial weights on one batch, in both precisions): bf16 is chosen only where it is
-faster by `MARGIN` AND the two losses agree within `LOSS_TOL`. The choice and its figures are
-cached per machine in a JSON file outside the repository (`cache_path()`: keyed by CPU model,
-bf16 instruction flags, torch version, threads, stage and shapes), never a DVC dependency: a
-stage records the precision it used in its metrics and MLflow params instead.
+GEMMs (every F.linear / F.conv2d of one forward pass of its model, at their real shapes and
+memory layout: `record_ops`) once in fp32 and in bf16, then the whole forward pass under both
+autocasts (the GEMMs alone missed that KV-cached sampling's tiny per-token GEMMs are not worth
+the casts), and runs the stage's short loss check (the model at its initial weights on one
+batch, in both precisions): bf16 is chosen only where its GEMMs are not slower (`MARGIN`), its
+forward pass is faster by `FORWARD_MARGIN`, AND the two losses agree within `LOSS_TOL`. Timings
+are best-of-n (a shared machine only adds time). The choice and
+its figures are cached per machine in a JSON file outside the repository (`cache_path()`:
+keyed by CPU model, bf16 instruction flags, torch version, threads, stage and shapes), never a
+DVC dependency: a stage records the precision it used in its metrics and MLflow params instead.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger("dalle.precision")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MARGIN = 1.10  # bf16 must be at least 10% faster than fp32 at the stage's shapes
+MARGIN = 1.0  # bf16's GEMMs must not be slower than fp32's at the stage's shapes
+FORWARD_MARGIN = 1.10  # and the stage's whole forward pass must be at least 10% faster
 LOSS_TOL = 0.01  # and the loss at initial weights equal within 1% (relative)
 LossCheck = Callable[[str], float]  # precision -> loss of the stage's model on one fixed batch
 
@@ -47,6 +51,7 @@ class Op:
     padding: tuple[int, ...] = (0, 0)
     flops: float = 0.0  # of one call
     count: int = 1  # calls per forward pass
+    channels_last: bool = False  # the conv's input layout (oneDNN's kernels differ by layout)
 
 
 class _Recorder(TorchFunctionMode):
@@ -67,9 +72,11 @@ class _Recorder(TorchFunctionMode):
                 stride, padding = (kwargs.get(k, args[i] if len(args) > i else d)
                                    for k, i, d in (("stride", 3, 1), ("padding", 4, 0)))
                 pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
+                layout = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+                    and not x.is_contiguous()
                 op = Op("conv", tuple(x.shape), tuple(w.shape), pair(stride), pair(padding),
-                        2.0 * out.numel() * w[0].numel())
-            key = (op.kind, op.shape, op.weight, op.stride, op.padding)
+                        2.0 * out.numel() * w[0].numel(), channels_last=layout)
+            key = (op.kind, op.shape, op.weight, op.stride, op.padding, op.channels_last)
             prev = self.ops.get(key)
             self.ops[key] = replace(op, count=prev.count + 1) if prev else op
         return out
@@ -156,7 +163,10 @@ def _write_cache(path: Path, key: str, choice: Choice) -> None:
 # ----------------------------------------------------------------------------- measuring
 def _operands(op: Op, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(op.shape, generator=g).to(dtype), torch.randn(op.weight, generator=g).to(dtype))
+    x, w = torch.randn(op.shape, generator=g).to(dtype), torch.randn(op.weight, generator=g).to(dtype)
+    if op.channels_last:  # the layout the model ran in
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    return x, w
 
 
 def _call(op: Op, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -166,34 +176,60 @@ def _call(op: Op, x: torch.Tensor, w: torch.Tensor) -> None:
         F.conv2d(x, w, stride=op.stride, padding=op.padding)
 
 
-def time_ops(ops: Sequence[Op], reps: int = 5) -> dict[str, float]:
-    """GFLOP/s of a forward pass's ops in fp32 and in bf16 on CPU: median of `reps` interleaved
-    rounds, each op weighted by its call count."""
+def _best_call(op: Op, x: torch.Tensor, w: torch.Tensor, rounds: int) -> float:
+    """Seconds of one call: the best of `rounds` timings, each of enough calls to last >= 2 ms
+    (a shared machine only ever adds time; tiny per-token GEMMs need the repetition)."""
+    t0 = time.perf_counter()
+    _call(op, x, w)  # warm-up: allocation, kernel selection
+    reps = max(1, min(1000, int(0.002 / max(time.perf_counter() - t0, 1e-7))))
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            _call(op, x, w)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def time_ops(ops: Sequence[Op], rounds: int = 5) -> dict[str, float]:
+    """GFLOP/s of a forward pass's ops in fp32 and in bf16 on CPU, each op weighted by its call
+    count, from the best of `rounds` timings per op and dtype (the dtypes alternate)."""
     flops = sum(op.flops * op.count for op in ops)
-    dtypes = (torch.float32, torch.bfloat16)
-    operands = {(i, d): _operands(op, d) for i, op in enumerate(ops) for d in dtypes}
-    times: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
+    total = {torch.float32: 0.0, torch.bfloat16: 0.0}
     with torch.no_grad():
-        for rep in range(reps + 1):  # round 0 warms up (allocations, kernel selection)
-            for d in dtypes:
-                total = 0.0
-                for i, op in enumerate(ops):
-                    t0 = time.perf_counter()
-                    _call(op, *operands[i, d])
-                    total += (time.perf_counter() - t0) * op.count
-                if rep:
-                    times[d].append(total)
-    med = {d: sorted(t)[len(t) // 2] for d, t in times.items()}
-    return {"fp32_gflops": flops / med[torch.float32] / 1e9, "bf16_gflops": flops / med[torch.bfloat16] / 1e9,
-            "gflop_per_forward": flops / 1e9}
+        for op in ops:
+            for dtype in total:
+                total[dtype] += op.count * _best_call(op, *_operands(op, dtype), rounds)
+    return {"fp32_gflops": flops / total[torch.float32] / 1e9,
+            "bf16_gflops": flops / total[torch.bfloat16] / 1e9, "gflop_per_forward": flops / 1e9}
 
 
-def _decide_cpu(ops: Sequence[Op], loss_check: Optional[LossCheck]) -> Choice:
+def time_forward(forward: Callable[[str], Any], rounds: int = 4) -> dict[str, float]:
+    """Seconds of the stage's own forward pass under each precision: the best of `rounds`
+    interleaved rounds after two warm-ups (what the GEMMs alone miss: casts, memory-bound ops)."""
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for rep in range(rounds + 2):
+        for p in ("fp32", "bf16") if rep % 2 else ("bf16", "fp32"):
+            t0 = time.perf_counter()
+            forward(p)
+            if rep >= 2:
+                times[p].append(time.perf_counter() - t0)
+    return {f"forward_{p}_s": min(t) for p, t in times.items()}
+
+
+def _decide_cpu(ops: Sequence[Op], loss_check: Optional[LossCheck],
+                forward: Optional[Callable[[str], Any]]) -> Choice:
     figures = time_ops(ops)
     ratio = figures["bf16_gflops"] / figures["fp32_gflops"]
     speed = f"bf16 {figures['bf16_gflops']:.0f} vs fp32 {figures['fp32_gflops']:.0f} GFLOP/s"
     if ratio < MARGIN:
         return Choice("fp32", f"{speed} at the stage's shapes: bf16 not faster", figures)
+    if forward is not None:  # the GEMMs are faster: is the stage's forward pass as a whole?
+        figures.update(time_forward(forward))
+        whole = figures["forward_fp32_s"] / figures["forward_bf16_s"]
+        speed += f", forward pass {whole:.2f}x"
+        if whole < FORWARD_MARGIN:
+            return Choice("fp32", f"{speed}: the GEMMs are faster, the forward pass is not", figures)
     if loss_check is not None:
         l32, l16 = float(loss_check("fp32")), float(loss_check("bf16"))
         figures.update(loss_fp32=l32, loss_bf16=l16)
@@ -205,7 +241,8 @@ def _decide_cpu(ops: Sequence[Op], loss_check: Optional[LossCheck]) -> Choice:
 
 
 def resolve(requested: str, device: torch.device, stage: str, ops: Sequence[Op],
-            loss_check: Optional[LossCheck] = None) -> Choice:
+            loss_check: Optional[LossCheck] = None,
+            forward: Optional[Callable[[str], Any]] = None) -> Choice:
     """The precision a stage runs in; `auto` measured once per machine (see the module doc)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision {requested!r} is not one of {PRECISIONS}")
@@ -219,14 +256,14 @@ def resolve(requested: str, device: torch.device, stage: str, ops: Sequence[Op],
         choice = Choice("fp32", f"device {device.type}: no measured 16-bit path")
     else:
         key = f"{machine_key()} | {stage} | " + ";".join(
-            f"{o.kind}{list(o.shape)}x{list(o.weight)}" for o in ops)
+            f"{o.kind}{list(o.shape)}x{list(o.weight)}{'cl' if o.channels_last else ''}" for o in ops)
         path = cache_path()
         cached = _read_cache(path).get(key)
         if isinstance(cached, dict) and cached.get("precision") in PRECISIONS[1:]:
             choice = Choice(cached["precision"], f"cached in {path}: {cached.get('reason', '')}",
                             dict(cached.get("figures") or {}))
         else:
-            choice = _decide_cpu(ops, loss_check)
+            choice = _decide_cpu(ops, loss_check, forward)
             _write_cache(path, key, choice)
     log.info("%s: precision %s (%s: %s)", stage, choice.precision, requested, choice.reason)
     return choice

@@ -29,7 +29,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def speeds(monkeypatch: pytest.MonkeyPatch, fp32: float, bf16: float) -> list[int]:
     calls: list[int] = []
 
-    def fake(ops: object, reps: int = 5) -> dict[str, float]:
+    def fake(ops: object, rounds: int = 5) -> dict[str, float]:
         calls.append(1)
         return {"fp32_gflops": fp32, "bf16_gflops": bf16, "gflop_per_forward": 1.0}
 
@@ -95,18 +95,43 @@ def test_recorded_ops_are_the_priors_gemms_and_time_in_both_dtypes() -> None:
     weights = {(op.shape, op.weight): op.count for op in ops}
     assert weights[((3, rows, 32), (96, 32))] == 2  # qkv of both layers, at the real [B, L, D]
     assert weights[((3, rows, 32), (128, 32))] == 2 and weights[((3, rows, 128), (32, 128))] == 2
-    figures = P.time_ops(ops, reps=1)
+    figures = P.time_ops(ops, rounds=1)
     assert figures["fp32_gflops"] > 0 and figures["bf16_gflops"] > 0
 
 
 def test_the_prior_check_runs_the_real_loss_and_leaves_the_rng_alone(cache: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     speeds(monkeypatch, fp32=170.0, bf16=800.0)
+    timed: list[str] = []
+    real = P.time_forward
+    monkeypatch.setattr(P, "time_forward", lambda fwd, rounds=4: (real(lambda p: (timed.append(p), fwd(p)), 1)
+                                                                   and {"forward_fp32_s": 2.0, "forward_bf16_s": 1.0}))
     torch.manual_seed(0)
     model = DalleTransformer(prior_config(n_layers=2, dropout=0.1)).train()
     batch = (torch.randint(0, 40, (4, 6)), torch.full((4,), 5), torch.randint(0, 24, (4, 16)))
     before = torch.get_rng_state()
     choice = precision_choice.for_prior("auto", model, batch, (0.125, 0.875), CPU, prior_loss)
     assert torch.equal(torch.get_rng_state(), before) and model.training
-    assert choice.precision == "bf16"
+    assert choice.precision == "bf16" and {"fp32", "bf16"} <= set(timed)  # the real forward ran in both
     assert choice.figures["loss_bf16"] == pytest.approx(choice.figures["loss_fp32"], rel=0.01)
+
+
+def test_the_whole_forward_pass_must_be_faster_too(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KV-cached sampling: tiny per-token GEMMs can be faster in bf16 while the decode is not."""
+    import time
+
+    speeds(monkeypatch, fp32=31.0, bf16=95.0)
+    slow = P.resolve("auto", CPU, "gen", OPS, lambda p: 6.0, lambda p: time.sleep(0.02 if p == "bf16" else 0.01))
+    assert slow.precision == "fp32" and "the forward pass is not" in slow.reason
+    assert slow.figures["forward_bf16_s"] > slow.figures["forward_fp32_s"]
+    fast = P.resolve("auto", CPU, "gen2", OPS, lambda p: 6.0, lambda p: time.sleep(0.01 if p == "bf16" else 0.02))
+    assert fast.precision == "bf16" and "forward pass" in fast.reason
+
+
+def test_convolutions_are_timed_in_the_layout_the_model_ran_in() -> None:
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    (op,) = P.record_ops(lambda: conv(x))
+    assert op.kind == "conv" and op.channels_last and op.padding == (1, 1)
+    (plain,) = P.record_ops(lambda: torch.nn.Conv2d(8, 8, 3)(torch.randn(2, 8, 16, 16)))
+    assert not plain.channels_last

@@ -18,15 +18,21 @@ from dalle.precision import Choice, LossCheck, autocast, record_ops, resolve
 
 def choose(requested: str, device: torch.device, stage: str, model: nn.Module,
            forward: Callable[[], Any], loss_check: Optional[LossCheck]) -> Choice:
-    """Resolve `requested` for `model`; only `auto` on CPU records the GEMMs of `forward`."""
+    """Resolve `requested` for `model`; only `auto` on CPU records the GEMMs of `forward` (and
+    times it whole under both autocasts when the GEMMs favour bf16)."""
     if requested != "auto" or device.type != "cpu":
         return resolve(requested, device, stage, [], loss_check)
     was_training = model.training
     model.eval()
+
+    def timed(precision: str) -> None:  # the whole forward pass, as the stage computes it
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast(precision, device):
+            forward()
+
     try:
         with torch.random.fork_rng(devices=[]):
             ops = record_ops(forward)
-        return resolve(requested, device, stage, ops, loss_check)
+        return resolve(requested, device, stage, ops, loss_check, timed)
     finally:
         model.train(was_training)
 
