@@ -14,6 +14,8 @@ from pathlib import Path
 from dalle.config_sections import Paths
 
 SPLITS = ("train", "val")
+MANIFEST = "manifest.parquet"
+EVAL_CAPTIONS = "eval_captions.parquet"
 
 
 @dataclass(frozen=True)
@@ -30,33 +32,51 @@ class Artefacts:
 
     @property
     def raw_manifest(self) -> Path:
-        return self.raw / "manifest.parquet"
+        return self.raw / MANIFEST
 
     @property
-    def eval_captions(self) -> Path:
-        """caption_id, caption, combo ("seen"/"holdout"/"val"), spec (JSON, synthetic only)."""
-        return self.raw / "eval_captions.parquet"
+    def raw_eval_captions(self) -> Path:
+        """What collect writes: caption_id, caption, combo ("seen"/"holdout"/"val"), spec."""
+        return self.raw / EVAL_CAPTIONS
+
+    @property
+    def dedup(self) -> Path:
+        """dedup: which rows are duplicates, and the val<->train overlap."""
+        return Path(self.paths.dedup)
+
+    @property
+    def dedup_manifest(self) -> Path:
+        return self.dedup / MANIFEST
+
+    @property
+    def overlap(self) -> Path:
+        return self.dedup / "overlap.parquet"
 
     @property
     def clean(self) -> Path:
-        """dedup: the clean rows and the val<->train overlap."""
+        """prepare: the clean splits, decoded once and written as shards at the training size."""
         return Path(self.paths.clean)
 
     @property
     def clean_manifest(self) -> Path:
-        return self.clean / "manifest.parquet"
+        """One row per clean sample: key, caption, split, shard, index in the shard, ..."""
+        return self.clean / MANIFEST
+
+    def clean_shard(self, split: str, index: int) -> Path:
+        return self.clean / f"{split}-{index:05d}.tar"
 
     @property
-    def overlap(self) -> Path:
-        return self.clean / "overlap.parquet"
+    def eval_captions(self) -> Path:
+        """The evaluation captions generate and evaluate read (copied by prepare)."""
+        return self.clean / EVAL_CAPTIONS
 
     @property
     def tokens_dir(self) -> Path:
         return Path(self.paths.tokens)
 
-    def tokens(self, split: str) -> Path:
-        """encode: image + text tokens of one split."""
-        return self.tokens_dir / f"{split}.npz"
+    def tokens(self, split: str, shard: int) -> Path:
+        """encode: image + text tokens of one clean shard of a split."""
+        return self.tokens_dir / f"{split}-{shard:05d}.npz"
 
     # ------------------------------------------------------------------ models
     @property

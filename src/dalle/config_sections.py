@@ -29,8 +29,9 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------- paths / tracking
 class Paths(Section):
-    raw: str
-    clean: str
+    raw: str  # collect: every attempted sample, as collected
+    dedup: str  # dedup: duplicates and the val<->train overlap
+    clean: str  # prepare: the clean splits, decoded once, as shards at the training size
     tokens: str
     models: str
     samples: str
@@ -125,6 +126,41 @@ class Dedup(Section):
     embedding_threshold: float = Field(ge=-1.0, le=1.0)
 
 
+class Filters(Section):
+    """What the prepare stage drops before a collection reaches the dVAE (docs/decisions.md)."""
+
+    caption_words: IntTup  # [min, max] words of a kept caption
+    boilerplate: StrTup  # case-insensitive regexes; a caption matching one is dropped
+    min_side: int = Field(ge=0)  # shorter side of the image as found (before resizing), pixels
+    max_aspect: float = Field(ge=1.0)  # long side / short side of the image as found
+    language: Optional[str]  # keep only captions identified as this language (offline); null: off
+
+    @model_validator(mode="after")
+    def _words(self) -> "Filters":
+        if len(self.caption_words) != 2 or not 0 <= self.caption_words[0] <= self.caption_words[1]:
+            raise ValueError(f"caption_words {self.caption_words} must be [min, max] with "
+                             "0 <= min <= max")
+        return self
+
+
+class Prepare(Section):
+    """The prepare stage: the clean splits, decoded once, as shards at the training size."""
+
+    image_format: Literal["png", "jpg", "webp"]  # png: lossless (the synthetic world)
+    jpeg_quality: int = Field(ge=1, le=100)  # jpg and webp quality
+    workers: int = Field(ge=0, le=64)  # shard writers (0: as many as cores, at most 8)
+    filters: Filters
+
+
+class Loader(Section):
+    """How the image stages read the clean shards (dalle.data.reader)."""
+
+    in_memory_max_mb: int = Field(ge=0)  # a split this small (decoded) is held in memory
+    workers: int = Field(ge=0, le=64)  # DataLoader workers decoding shards when streaming
+    chunk: int = Field(gt=0)  # samples shuffled together (locality: a few shards at a time)
+    max_bad_fraction: float = Field(ge=0.0, le=1.0)  # undecodable samples tolerated, then stop
+
+
 class Tokenizer(Section):
     vocab_size: int = Field(gt=0)  # paper §2.2: 16,384
     text_len: int = Field(gt=0)  # paper §2.2: at most 256 tokens
@@ -150,6 +186,7 @@ class DVAE(Section):
     straight_through: bool  # paper: soft relaxation; True feeds the decoder hard one-hots
     zero_init_logits: bool  # our choice: encoder output conv starts at 0 (docs/decisions.md)
     usage_weight: float = Field(ge=0)  # our choice, not the paper's: KL(batch usage || uniform)
+    random_crop: float = Field(gt=0, le=1)  # augmentation: crops of this fraction of the side; 1: off
     tau_frac: float = Field(gt=0, le=1)  # paper: 150k of 3M updates
     kl_max: float = Field(ge=0)  # paper §2.1: beta up to 6.6
     kl_frac: float = Field(gt=0, le=1)  # paper: 5k of 3M updates
@@ -299,6 +336,8 @@ class Params(Section):
     tracking: Tracking
     data: Data
     dedup: Dedup
+    prepare: Prepare
+    loader: Loader
     tokenizer: Tokenizer
     dvae: DVAE
     encode: Encode

@@ -24,6 +24,7 @@ from dalle.catalog import Artefacts, template
 from dalle.config_sections import Params
 from dalle.data.collect import STAGE as COLLECT
 from dalle.data.dedup import STAGE as DEDUP
+from dalle.data.prepare import STAGE as PREPARE
 from dalle.data.tokenizer import STAGE as TOKENIZER
 from dalle.distributed.launch import stage_command, will_relaunch
 from dalle.errors import ConfigError, DalleError
@@ -37,8 +38,8 @@ from dalle.train.clip import STAGE as TRAIN_CLIP
 from dalle.train.dvae import STAGE as TRAIN_DVAE
 from dalle.train.prior import STAGE as TRAIN_PRIOR
 
-STAGES: tuple[StageSpec, ...] = (COLLECT, DEDUP, TOKENIZER, TRAIN_DVAE, ENCODE, TRAIN_PRIOR,
-                                 TRAIN_CLIP, GENERATE, EVALUATE)
+STAGES: tuple[StageSpec, ...] = (COLLECT, DEDUP, PREPARE, TOKENIZER, TRAIN_DVAE, ENCODE,
+                                 TRAIN_PRIOR, TRAIN_CLIP, GENERATE, EVALUATE)
 BY_NAME = {s.name: s for s in STAGES}
 
 

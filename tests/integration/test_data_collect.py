@@ -14,11 +14,14 @@ from dalle.data.reader import eval_captions, load_split
 from dalle.data.tokenizer import BPETokenizer
 from tests.helpers import stage_main
 collect_main = stage_main("collect")
+dedup_main = stage_main("dedup")
+prepare_main = stage_main("prepare")
 tokenizer_main = stage_main("tokenizer")
 
 
 def _args(tmp_path: Path, repo_root: Path, *extra: str) -> list[str]:
     sets = {"paths.raw": tmp_path / "raw", "paths.clean": tmp_path / "clean",
+            "paths.dedup": tmp_path / "dedup",
             "paths.metrics": tmp_path / "metrics", "paths.models": tmp_path / "models",
             "tracking.enabled": "false", "data.synthetic.n_images": 300, "data.shard_size": 150,
             "data.eval_captions": 20, "tokenizer.vocab_size": 128, "tokenizer.min_frequency": 1}
@@ -49,6 +52,7 @@ def test_collect_resume_reader_and_tokenizer(tmp_path, repo_root):
     assert again["shards_written"] == 1 and (raw / "00000.tar").stat().st_mtime_ns == tar0
     assert (raw / "manifest.parquet").read_bytes() == first  # byte-identical after the resume
 
+    dedup_main(args), prepare_main(args)
     paths = Artefacts(load_params(repo_root / "params.yaml", overrides=[
         f"paths.raw={raw}", f"paths.clean={tmp_path / 'clean'}"]).paths)
     train = load_split(paths, "train")
@@ -56,7 +60,6 @@ def test_collect_resume_reader_and_tokenizer(tmp_path, repo_root):
     assert len(train) == (manifest["split"] == "train").sum() == metrics["train"]
     assert train.images.dtype == np.uint8 and train.images.shape[1:] == (64, 64, 3)
     assert train.captions[0] == manifest.set_index("key").loc[train.keys[0], "caption"]
-    assert "spec" in train.meta[0] and len(load_split(paths, "val", limit=5)) == 5
     assert set(eval_captions(paths)["combo"]) == {"seen", "holdout"}
 
     tok_metrics = tokenizer_main(args)
@@ -88,7 +91,7 @@ def test_empty_url_list_is_one_line(tmp_path, repo_root, capsys):
     assert info.value.code == 1 and _one_error(capsys)
 
 
-def test_tokenizer_without_collect_is_one_line(tmp_path, repo_root, capsys):
+def test_tokenizer_without_prepare_is_one_line(tmp_path, repo_root, capsys):
     with pytest.raises(SystemExit) as info:
         tokenizer_main(_args(tmp_path, repo_root))
-    assert info.value.code == 1 and "run the collect stage" in _one_error(capsys)
+    assert info.value.code == 1 and "run the prepare stage" in _one_error(capsys)

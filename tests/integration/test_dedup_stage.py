@@ -52,7 +52,7 @@ def build_raw(raw: Path) -> None:
 
 
 def _args(tmp_path: Path, repo_root: Path) -> list[str]:
-    sets = {"paths.raw": tmp_path / "raw", "paths.clean": tmp_path / "clean",
+    sets = {"paths.raw": tmp_path / "raw", "paths.dedup": tmp_path / "dedup",
             "paths.metrics": tmp_path / "metrics", "paths.models": tmp_path / "models",
             "tracking.enabled": "false", "dedup.remove_near": "true", "dedup.crop_grid": 3,
             "dedup.overlap_threshold": 8}  # the real-data settings (params.yaml: synthetic)
@@ -65,14 +65,14 @@ def _args(tmp_path: Path, repo_root: Path) -> list[str]:
 def test_dedup_stage_end_to_end(tmp_path, repo_root):
     build_raw(tmp_path / "raw")
     metrics = dedup_main(_args(tmp_path, repo_root))
-    clean = pd.read_parquet(tmp_path / "clean" / "manifest.parquet").set_index("key")
+    clean = pd.read_parquet(tmp_path / "dedup" / "manifest.parquet").set_index("key")
     assert len(clean) == 16 and "t12" not in clean.index  # ok rows only
     assert (clean.loc["t10", "dup_of"], clean.loc["t10", "dup_kind"]) == ("t00", "exact")
     assert (clean.loc["t11", "dup_of"], clean.loc["t11", "dup_kind"]) == ("t01", "near")
     assert (clean.loc["v03", "dup_of"], clean.loc["v03", "dup_kind"]) == ("v02", "exact")
     assert clean["dup_of"].isna().sum() == 13
     assert pd.isna(clean.loc["v00", "dup_of"])  # val is never removed for resembling train
-    overlap = pd.read_parquet(tmp_path / "clean" / "overlap.parquet").set_index("val_key")
+    overlap = pd.read_parquet(tmp_path / "dedup" / "overlap.parquet").set_index("val_key")
     assert sorted(overlap.index) == ["v00", "v01", "v02"]
     assert overlap.loc["v00", "overlap"] and overlap.loc["v00", "train_key"] == "t02"
     assert not overlap.loc["v01", "overlap"] and overlap.loc["v01", "distance"] > 8
@@ -85,7 +85,7 @@ def test_dedup_stage_end_to_end(tmp_path, repo_root):
 def test_exact_only_keeps_near_copies(tmp_path, repo_root):
     build_raw(tmp_path / "raw")
     metrics = dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.remove_near=false"])
-    clean = pd.read_parquet(tmp_path / "clean" / "manifest.parquet").set_index("key")
+    clean = pd.read_parquet(tmp_path / "dedup" / "manifest.parquet").set_index("key")
     assert pd.isna(clean.loc["t11", "dup_of"]) and clean.loc["t10", "dup_kind"] == "exact"
     assert (metrics["removed_exact"], metrics["removed_near"]) == (2, 0)
 
@@ -104,7 +104,7 @@ def test_embeddings_without_model_is_one_line(tmp_path, repo_root, capsys):
         dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.use_embeddings=true"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert info.value.code == 1 and len(err) == 1 and "clip.safetensors" in err[0]
-    assert not (tmp_path / "clean" / "manifest.parquet").exists()
+    assert not (tmp_path / "dedup" / "manifest.parquet").exists()
 
 
 def test_overlap_by_contrastive_embeddings(tmp_path, repo_root):
@@ -123,7 +123,7 @@ def test_overlap_by_contrastive_embeddings(tmp_path, repo_root):
                     clip.clip_config_dict(model))
     build_raw(tmp_path / "raw")
     metrics = dedup_main(_args(tmp_path, repo_root) + ["-S", "dedup.use_embeddings=true"])
-    overlap = pd.read_parquet(tmp_path / "clean" / "overlap.parquet").set_index("val_key")
+    overlap = pd.read_parquet(tmp_path / "dedup" / "overlap.parquet").set_index("val_key")
     assert set(overlap["method"]) == {"cosine"} and metrics["overlap_method"] == "cosine"
     assert overlap.loc["v00", "train_key"] == "t02"  # its JPEG copy is the closest train image
     assert overlap["distance"].between(-1e-6, 2.0).all()

@@ -104,8 +104,8 @@ def test_flow_cli_bad_input_is_one_line(workdir) -> None:
 
     out = run("--stages", "collect,nope")
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        "error: unknown stage 'nope'; stages: collect, dedup, tokenizer, train_dvae, encode, "
-        "train_prior, train_clip, generate, evaluate"]
+        "error: unknown stage 'nope'; stages: collect, dedup, prepare, tokenizer, train_dvae, "
+        "encode, train_prior, train_clip, generate, evaluate"]
     out = run("-S", "prior.n_layers=zero")
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     assert "prior.n_layers" in out.stderr

@@ -1,4 +1,6 @@
-"""`dalle.data.reader`: clean rows only, raw fallback with a warning, one-line errors."""
+"""`dalle.data.reader` on hand-written clean shards: manifest order, the split index, bad samples
+skipped and counted (a missing shard, a truncated one, bytes that are not an image), one-line
+errors."""
 from __future__ import annotations
 
 import io
@@ -9,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle.data import shards
-from dalle.data.reader import eval_captions, load_split
+from dalle.data.prepare import COLUMNS, _write_tar
+from dalle.data.reader import BadSamples, decoded_mb, eval_captions, iterate, load_split, split_index
 from dalle.errors import DataError
 from tests.helpers import art_at
 
@@ -22,41 +24,63 @@ def _png(value: int) -> bytes:
 
 
 @pytest.fixture
-def paths(tmp_path):
+def art(tmp_path):
+    """Two train shards (3 + 2 samples) and one val shard (1), as prepare writes them."""
     art = art_at(tmp_path)
-    raw = art.raw
-    samples = [shards.Sample(key=f"k{i}", caption=f"c{i}", image_bytes=_png(10 * i), meta={"i": i})
-               for i in range(4)]
-    shards.write_shard(raw, 0, samples, lambda k: "val" if k == "k3" else "train")
-    shards.finalize(raw, art.raw_manifest)
+    art.clean.mkdir(parents=True)
+    rows, layout = [], {("train", 0): [0, 1, 2], ("train", 1): [3, 4], ("val", 0): [5]}
+    for (split, shard), items in layout.items():
+        _write_tar(art.clean_shard(split, shard), [
+            {"__key__": f"k{i}", "png": _png(10 * i), "txt": f"c{i}".encode()} for i in items])
+        rows += [{"key": f"k{i}", "caption": f"c{i}", "split": split, "shard": shard, "index": j,
+                  "width": 4, "height": 4, "source": "test"} for j, i in enumerate(items)]
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(art.clean_manifest)
     return art
 
 
-def test_raw_fallback_warns_and_reads_images(paths, caplog):
+def test_split_in_manifest_order(art):
+    index = split_index(art, "train")
+    assert len(index) == 5 and index.side == 4
+    assert [n for _, n in index.shards] == [3, 2] and decoded_mb(index) == 5 * 48 / 2 ** 20
+    train = load_split(art, "train")
+    assert train.keys == [f"k{i}" for i in range(5)] and train.captions == [f"c{i}" for i in range(5)]
+    assert train.images.shape == (5, 4, 4, 3) and train.images.dtype == np.uint8
+    assert [int(im[0, 0, 0]) for im in train.images] == [0, 10, 20, 30, 40]
+    assert [key for _, _, key in iterate(index, items=[4, 0])] == ["k4", "k0"]
+
+
+def test_missing_shard_is_skipped_and_counted(art, caplog):
+    art.clean_shard("train", 1).unlink()
+    with pytest.raises(DataError, match=r"1 of 4 samples read could not be decoded .*train-00001.tar: item 0: FileNotFound"):
+        load_split(art, "train")  # no bad sample allowed: one line
     with caplog.at_level(logging.WARNING):
-        train = load_split(paths, "train")
-    assert "dedup has not run" in caplog.text
-    assert train.keys == ["k0", "k1", "k2"] and train.captions == ["c0", "c1", "c2"]
-    assert train.images.shape == (3, 4, 4, 3) and train.images.dtype == np.uint8
-    assert train.images[2, 0, 0, 0] == 20 and train.meta[1]["i"] == 1
-    assert load_split(paths, "val").keys == ["k3"] and len(load_split(paths, "train", limit=2)) == 2
+        got = [key for _, _, key in iterate(split_index(art, "train"), bad=BadSamples(0.01, "t"))]
+    assert got == ["k0", "k1", "k2"] and "skipped 1 undecodable sample" in caplog.text
 
 
-def test_clean_manifest_drops_duplicates(paths, tmp_path):
-    clean = pd.read_parquet(paths.raw_manifest)
-    clean["dup_of"] = [None, "k0", None, None]
-    paths.clean.mkdir(parents=True)
-    clean.to_parquet(paths.clean_manifest)
-    assert load_split(paths, "train").keys == ["k0", "k2"]
+def test_truncated_shard_and_bad_bytes_are_skipped(art):
+    path = art.clean_shard("train", 0)
+    data = path.read_bytes()
+    path.write_bytes(data[:2600])  # 4 blocks of 512 a sample: cut inside the second one's image
+    bad = BadSamples(0.01, "t")
+    got = [key for _, _, key in iterate(split_index(art, "train"), bad=bad)]
+    assert got[-2:] == ["k3", "k4"] and bad.seen == 5 and bad.bad == 5 - len(got) >= 1
+    _write_tar(art.clean_shard("val", 0), [{"__key__": "k5", "png": b"not a png", "txt": b"c5"}])
+    bad = BadSamples(0.01, "v")
+    assert list(iterate(split_index(art, "val"), bad=bad)) == [] and bad.bad == 1
 
 
-def test_errors_are_one_line(paths, tmp_path):
+def test_past_the_fraction_stops_with_one_line(art):
+    bad = BadSamples(0.001, "train split")
+    bad.add(999, 0)
+    with pytest.raises(DataError, match="2 of 1001 samples read could not be decoded"):
+        bad.add(2, 2, "x.tar: k1: OSError")
+
+
+def test_errors_are_one_line(art, tmp_path):
     with pytest.raises(DataError, match="unknown split 'test'"):
-        load_split(paths, "test")
+        load_split(art, "test")
     with pytest.raises(DataError, match="eval_captions.parquet does not exist"):
-        eval_captions(paths)
-    (paths.raw / "00000.tar").unlink()
-    with pytest.raises(DataError, match="00000.tar is missing"):
-        load_split(paths, "train")
-    with pytest.raises(DataError, match="run the collect stage"):
+        eval_captions(art)
+    with pytest.raises(DataError, match="run the prepare stage"):
         load_split(art_at(tmp_path / "nope"), "val")

@@ -59,7 +59,7 @@ def collect(art: Artefacts, tracker: Any, data: Data, seed: int) -> dict[str, An
     if not (manifest["status"] == "ok").any():
         raise DataError(f"data.source {data.source}: no usable images were collected")
     if data.source != "synthetic":
-        evals = write_val_captions(art.eval_captions, manifest, data.eval_captions, seed)
+        evals = write_val_captions(art.raw_eval_captions, manifest, data.eval_captions, seed)
         metrics["eval_captions_val"] = len(evals)
     counts = manifest.loc[manifest["status"] == "ok", "split"].value_counts()
     metrics.update(train=int(counts.get("train", 0)), val=int(counts.get("val", 0)))

@@ -338,7 +338,7 @@ def run_dedup(art: Artefacts, tracker: Any, dedup: Dedup, workers: int = 2) -> d
     shas, bits = hash_raw(art.raw, ok, cfg, workers)
     clean = mark_duplicates(ok, shas, bits, cfg.near_threshold if cfg.remove_near else None)
     overlap, threshold = _overlap(cfg, art, clean, bits)
-    with atomic_path(art.clean_manifest) as tmp:
+    with atomic_path(art.dedup_manifest) as tmp:
         clean.to_parquet(tmp, index=False)
     with atomic_path(art.overlap) as tmp:
         overlap.to_parquet(tmp, index=False)
@@ -374,6 +374,6 @@ def _metrics(cfg: Dedup, clean: pd.DataFrame, overlap: pd.DataFrame, threshold: 
 STAGE = StageSpec(
     name="dedup", fn=run_dedup, params=("dedup",),
     inputs=lambda a: (a.raw,),
-    outputs=lambda a: (Out(a.clean), Out(a.metrics("dedup"), metric=True)),
+    outputs=lambda a: (Out(a.dedup), Out(a.metrics("dedup"), metric=True)),
     summary="exact + perceptual-hash duplicates, val↔train overlap (§3.2)",
 )

@@ -24,7 +24,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FORMATS = {"jpg": "JPEG", "png": "PNG"}
+FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _CONVERTIBLE = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -152,6 +152,8 @@ def encode(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpg":
         img.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "webp":
+        img.save(buf, "WEBP", quality=quality, method=4)
     else:
         img.save(buf, "PNG", compress_level=1)
     return buf.getvalue()

@@ -130,7 +130,7 @@ def collect_synthetic(data_cfg: Data, art: Artefacts, tracker: Any, seed: int,
     bar.close()
     seconds = time.perf_counter() - start
     manifest = shards.finalize(out, art.raw_manifest)
-    evals = write_eval_captions(cfg, art.eval_captions, data_cfg.eval_captions, seed)
+    evals = write_eval_captions(cfg, art.raw_eval_captions, data_cfg.eval_captions, seed)
     rendered = sum(min(cfg.n_images, (i + 1) * data_cfg.shard_size) - i * data_cfg.shard_size
                    for i in todo)
     counts = manifest["split"].value_counts()

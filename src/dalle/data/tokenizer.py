@@ -117,8 +117,8 @@ def train_tokenizer(art: Artefacts, tracker: Any, tokenizer: TokenizerCfg) -> di
     rows = read_manifest(art)
     texts = [str(c) for c in rows.loc[rows["split"] == "train", "caption"] if str(c).strip()]
     if not texts:
-        raise DataError(f"no train captions in the manifest under {art.raw}; nothing to "
-                        "train the tokenizer on")
+        raise DataError(f"no train captions in {art.clean_manifest}; nothing to train the "
+                        "tokenizer on")
     tok = BPETokenizer(build(cfg.vocab_size, cfg.min_frequency, texts), cfg.bpe_dropout)
     path = tok.save(art.tokenizer)
     lengths = [len(x) for x in tok.encode(texts)]
@@ -133,7 +133,7 @@ def train_tokenizer(art: Artefacts, tracker: Any, tokenizer: TokenizerCfg) -> di
 
 STAGE = StageSpec(
     name="tokenizer", fn=train_tokenizer, params=("tokenizer",),
-    inputs=lambda a: (a.clean, a.raw),
+    inputs=lambda a: (a.clean,),
     outputs=lambda a: (Out(a.tokenizer), Out(a.metrics("tokenizer"), metric=True)),
     summary="lower-cased BPE on the train captions (§2.2)",
 )
