@@ -25,7 +25,7 @@ SETS = {"data.image_size": 16, "data.synthetic.n_images": 300, "data.shard_size"
 
 
 def _args(root: Path, repo: Path, extra: dict | None = None) -> list[str]:
-    sets = {**SETS, **{f"paths.{k}": root / k for k in ("raw", "clean", "tokens", "models",
+    sets = {**SETS, **{f"paths.{k}": root / k for k in ("raw", "dedup", "clean", "tokens", "models",
                                                            "samples", "metrics", "plots")},
             "evaluate.cache_dir": root / "cache", **(extra or {})}
     args = ["--params", str(repo / "params.yaml")]
@@ -56,14 +56,11 @@ def _random_dvae_and_prior(args: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, request) -> tuple[Path, Path]:
-    collect = stage_main("collect")
-    tokenizer = stage_main("tokenizer")
-
     repo = Path(request.config.rootpath)
     root = tmp_path_factory.mktemp("world")
     args = _args(root, repo)
-    collect(args)
-    tokenizer(args)
+    for stage in ("collect", "dedup", "prepare", "tokenizer"):
+        stage_main(stage)(args)
     _random_dvae_and_prior(args)
     return root, repo
 
@@ -110,11 +107,11 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
         evaluate(_args(root, repo, {"paths.samples": tmp_path / "none"}))
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 1 and len(err) == 1 and "candidates.npz is missing" in err[0]
-    empty = tmp_path / "raw"
+    empty = tmp_path / "clean"  # generate reads the eval captions prepare copied into clean
     empty.mkdir()
     pd.DataFrame({"caption_id": [], "caption": [], "combo": [], "spec": []}).astype("string").to_parquet(
         empty / "eval_captions.parquet")
     with pytest.raises(SystemExit) as exc:
-        generate(_args(root, repo, {"paths.raw": empty}))
+        generate(_args(root, repo, {"paths.clean": empty}))
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 1 and "caption list is empty" in err[-1]

@@ -25,6 +25,7 @@ TINY = ["tracking.enabled=false", "tokenizer.text_len=6", "tokenizer.vocab_size=
 
 
 def write_tokens(root: Path, n: int = 24) -> None:
+    """Two token files per split, as encode writes them (one per clean shard)."""
     rng = np.random.default_rng(0)
     (root / "tokens").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
@@ -32,8 +33,11 @@ def write_tokens(root: Path, n: int = 24) -> None:
         txt = rng.integers(0, 40, (n, 6)).astype(np.int32)
         txt[np.arange(6)[None] >= lens[:, None]] = -1
         img = rng.integers(0, 24, (n, 16)).astype(np.uint16)
-        np.savez(root / "tokens" / f"{split}.npz", image_tokens=img, text_tokens=txt, text_lengths=lens,
-                 keys=np.array([f"{split}{i}" for i in range(n)]), captions=np.array(["a b"] * n))
+        keys = np.array([f"{split}{i}" for i in range(n)])
+        for shard, rows in enumerate((slice(0, n // 2), slice(n // 2, n))):
+            np.savez(root / "tokens" / f"{split}-{shard:05d}.npz", image_tokens=img[rows],
+                     text_tokens=txt[rows], text_lengths=lens[rows], keys=keys[rows],
+                     captions=np.array(["a b"] * n)[rows])
 
 
 def params(root: Path, extra: tuple[str, ...] = ()) -> Any:
@@ -87,10 +91,10 @@ def _stage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 def test_bad_inputs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sets = [a for s in [*TINY, *(f"paths.{k}={tmp_path / k}" for k in ("tokens", "models", "metrics", "plots"))]
             for a in ("-S", s)]
-    assert "token file not found" in _stage_error(capsys, sets)
+    assert "no token file for the train split" in _stage_error(capsys, sets)
     (tmp_path / "tokens").mkdir()
-    (tmp_path / "tokens/train.npz").write_bytes(b"not an npz")
-    (tmp_path / "tokens/val.npz").write_bytes(b"not an npz")
+    (tmp_path / "tokens/train-00000.npz").write_bytes(b"not an npz")
+    (tmp_path / "tokens/val-00000.npz").write_bytes(b"not an npz")
     assert "not a valid tokens npz" in _stage_error(capsys, sets)
     write_tokens(tmp_path)
     assert "text_tokens" in _stage_error(capsys, [*sets, "-S", "tokenizer.text_len=7"])

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from dalle.data.dedup import run_dedup
+from dalle.data.prepare import prepare
 from dalle.data.synthetic import collect_synthetic
 from dalle.errors import CheckpointError
 from dalle.io import load_checkpoint
@@ -88,24 +90,29 @@ class _Killer(NullTracker):
                 raise KeyboardInterrupt
 
 
-def _world(root):  # noqa: ANN001 - a tiny synthetic world at 8 px (collect only)
+def _world(root):  # noqa: ANN001 - a tiny synthetic world at 8 px (collect, dedup, prepare)
     art = art_at(root)
     data = section("data", image_size=8, shard_size=40,
                    synthetic={**section("data").synthetic.model_dump(), "n_images": 40})
     collect_synthetic(data, art, NullTracker(), seed=0, workers=1)
+    run_dedup(art, NullTracker(), section("dedup"), workers=1)
+    prepare(art, NullTracker(), section("prepare", workers=1), image_size=8)
     return art
+
+
+LOADER = section("loader")
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     cfg = DVAE(**TINY)
     a_art, b_art = _world(tmp_path / "a"), _world(tmp_path / "b")
-    train_dvae(a_art, NullTracker(), cfg, 0)
+    train_dvae(a_art, NullTracker(), cfg, LOADER, 0)
     killer = _Killer(at=3)
     with pytest.raises(KeyboardInterrupt):
-        train_dvae(b_art, killer, cfg, 0)
+        train_dvae(b_art, killer, cfg, LOADER, 0)
     assert b_art.dvae_state.exists()  # checkpoint at step 2
     resumed = _Killer(at=None)
-    metrics = train_dvae(b_art, resumed, cfg, 0)
+    metrics = train_dvae(b_art, resumed, cfg, LOADER, 0)
     assert resumed.steps[0] == 3  # continued after the step-2 checkpoint
     assert not b_art.dvae_state.exists()
     a, conf, _ = load_checkpoint(a_art.dvae)
@@ -118,9 +125,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_resume_from_other_config_names_the_key(tmp_path):
     art = _world(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train_dvae(art, _Killer(at=3), DVAE(**TINY), 0)
+        train_dvae(art, _Killer(at=3), DVAE(**TINY), LOADER, 0)
     with pytest.raises(CheckpointError, match=r"lr is 0.001 in the checkpoint but 0.002"):
-        train_dvae(art, NullTracker(), DVAE(**{**TINY, "lr": 2e-3}), 0)
+        train_dvae(art, NullTracker(), DVAE(**{**TINY, "lr": 2e-3}), LOADER, 0)
 
 
 def test_zero_init_logits_starts_every_code_equal():
@@ -128,8 +135,7 @@ def test_zero_init_logits_starts_every_code_equal():
     (the mapped pixels' DC term), the start of the codebook collapse the paper's footnote 4 names."""
     x = torch.rand(4, 3, 8, 8)
     for zero in (True, False):
-        trainer = DVAETrainer(DVAE(**{**TINY, "zero_init_logits": zero}),
-                              torch.zeros(4, 8, 8, 3, dtype=torch.uint8), 0)
+        trainer = DVAETrainer(DVAE(**{**TINY, "zero_init_logits": zero}), None, 8, 0)
         logits = trainer.model.logits(x)  # [4, K, 4, 4]
         spread = (logits - logits.mean(1, keepdim=True)).abs().max().item()
         assert (spread == 0.0) is zero
@@ -188,3 +194,19 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: cuda"):
             resolve_device("cuda")
+
+
+def test_random_crop_is_seeded_and_keeps_the_size():
+    """dvae.random_crop (off at 1.0): a random square of frac x the side, resized back."""
+    from dalle.train.dvae import random_crop
+
+    x = torch.rand(4, 3, 16, 16)
+    a = random_crop(x, 0.5, torch.Generator().manual_seed(0))
+    b = random_crop(x, 0.5, torch.Generator().manual_seed(0))
+    c = random_crop(x, 0.5, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    assert torch.allclose(random_crop(flat, 0.75, torch.Generator()), flat)  # values kept
+    ramp = torch.arange(16.0).expand(1, 3, 16, 16).contiguous()  # x = column index
+    out = random_crop(ramp, 0.5, torch.Generator().manual_seed(0))
+    assert float(out.amax() - out.amin()) < 8.5  # 8 columns stretched over 16: a zoom-in

@@ -96,3 +96,10 @@ def shutdown() -> None:
         hvd.shutdown()
 
 
+
+
+def allgather_object(value: Any) -> list[Any]:
+    """Every rank's picklable `value`, in rank order (Horovod started if it was not)."""
+    if not hvd.is_initialized():
+        hvd.init()
+    return list(hvd.allgather_object(value))

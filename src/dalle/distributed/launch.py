@@ -32,6 +32,13 @@ def under_horovod() -> bool:
     return "HOROVOD_RANK" in os.environ
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of ranks) of this process: horovodrun's, else (0, 1)."""
+    if not under_horovod():
+        return 0, 1
+    return int(os.environ["HOROVOD_RANK"]), int(os.environ.get("HOROVOD_SIZE", "1"))
+
+
 def will_relaunch(cfg: Distributed) -> bool:
     """True when a stage run with `cfg` here would re-execute itself under horovodrun."""
     return cfg.num_proc > 1 and not under_horovod()

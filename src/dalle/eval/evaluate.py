@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
 from dalle.catalog import Artefacts, png
-from dalle.config_sections import Evaluate, Rerank
-from dalle.data.reader import eval_captions, load_split
+from dalle.config_sections import Evaluate, Loader, Rerank
+from dalle.data.reader import eval_captions
 from dalle.errors import DataError
 from dalle.eval import fid as F
 from dalle.eval.oracle import ATTRIBUTES, score
 from dalle.eval.plots import line_png, write_plot_json
+from dalle.eval.reference import RealImages, reference_sets
 from dalle.io import write_json
 from dalle.models.dvae import DiscreteVAE, load_dvae
 from dalle.pixels import to_uint8
@@ -60,23 +60,6 @@ def decode(dvae: DiscreteVAE, tokens: np.ndarray, batch: int = 256) -> np.ndarra
     """image tokens [C, G] -> uint8 [C, H, W, 3]."""
     t = torch.from_numpy(tokens.astype(np.int64))
     return np.concatenate([to_uint8(dvae.decode(t[i:i + batch])) for i in range(0, len(t), batch)])
-
-
-def reference_sets(art: Artefacts) -> dict[str, np.ndarray]:
-    """'all' clean val images, and 'no_overlap': minus the val images dedup flagged as
-    overlapping train."""
-    val = load_split(art, "val")
-    sets = {"all": np.asarray(val.images)}
-    overlap_path = art.overlap
-    if overlap_path.is_file():
-        ov = pd.read_parquet(overlap_path)
-        bad = set(ov.loc[ov["overlap"].astype(bool), "val_key"]) if len(ov) else set()
-        keep = np.array([k not in bad for k in val.keys], dtype=bool)
-        sets["no_overlap"] = sets["all"][keep]
-    else:
-        log.warning("%s not found: the no_overlap reference equals all val images", overlap_path)
-        sets["no_overlap"] = sets["all"]
-    return sets
 
 
 def extractor(cfg: Evaluate, rerank_cfg: Rerank, art: Artefacts,
@@ -113,7 +96,7 @@ def _specs(art: Artefacts, caption_ids: np.ndarray) -> list[Optional[str]]:
     return [by_id.get(str(c)) if isinstance(by_id.get(str(c)), str) else None for c in caption_ids]
 
 
-def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, np.ndarray], ext: F.Extractor,
+def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealImages], ext: F.Extractor,
            cfg: Evaluate, specs: list[Optional[str]]) -> tuple[list, list, list]:
     """(blur rows, rerank rows, oracle rows)."""
     scores, n_max = cand["scores"], cand["scores"].shape[1]
@@ -131,14 +114,15 @@ def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, np.nd
     return blur_rows, rerank_rows, oracle
 
 
-def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank) -> dict[str, Any]:
+def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, loader: Loader
+             ) -> dict[str, Any]:
     """The `evaluate` stage body: metrics, plot data, PNGs to the tracker."""
     cfg = evaluate
     t0 = time.perf_counter()
     cand = load_candidates(art.candidates)
     if len(cand["captions"]) == 0:
         raise DataError(f"{art.candidates} has an empty caption list")
-    refs = reference_sets(art)
+    refs = reference_sets(art, loader.max_bad_fraction)
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
     blur, rerank_rows, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
@@ -181,8 +165,8 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
 
 
 STAGE = StageSpec(
-    name="evaluate", fn=evaluate, params=("evaluate", "rerank"),
-    inputs=lambda a: (a.samples, a.dvae, a.clip, a.tokenizer, a.clean, a.raw),
+    name="evaluate", fn=evaluate, params=("evaluate", "rerank", "loader"),
+    inputs=lambda a: (a.samples, a.dvae, a.clip, a.tokenizer, a.clean, a.overlap),
     outputs=lambda a: (*(Out(f(p), cache=False) for p in (a.fid_blur, a.fid_rerank, a.oracle_rerank)
                          for f in (Path, png)),
                        Out(a.metrics("eval"), metric=True)),

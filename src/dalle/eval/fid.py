@@ -151,7 +151,7 @@ def content_hash(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def check_pair(generated: np.ndarray, real: np.ndarray) -> None:
+def check_pair(generated: np.ndarray, real: Any) -> None:
     if len(generated) < 2 or len(real) < 2:
         raise DataError(f"FID needs at least 2 images per side, got {len(generated)} generated "
                         f"and {len(real)} real")
@@ -160,27 +160,36 @@ def check_pair(generated: np.ndarray, real: np.ndarray) -> None:
                         f"{real.shape[1:]}; they must have the same size [H, W, 3]")
 
 
-def fidelity(generated: np.ndarray, real: np.ndarray, radius: float, extractor: Extractor,
+def _real_set(real: Any, radius: float) -> tuple[torch.utils.data.Dataset, str]:
+    """(blurred item dataset, content fingerprint) of uint8 [N, H, W, 3] or of a lazy set read
+    from the shards (`dalle.eval.reference.RealImages`: `.blurred(r)`, `.fingerprint`)."""
+    if isinstance(real, np.ndarray):
+        return ImageSet(real, radius), fingerprint(real)
+    return real.blurred(radius), real.fingerprint
+
+
+def fidelity(generated: np.ndarray, real: Any, radius: float, extractor: Extractor,
              real_tag: str, cache_root: Optional[str | Path], batch_size: int = 64,
              device: str | torch.device = "cpu") -> dict[str, Any]:
-    """FID + IS of blurred `generated` vs blurred `real` (both uint8 [N, H, W, 3]), features
-    extracted on `device`. Both sets' features are cached per (extractor, its weights'
-    fingerprint, the set's content, radius): the generated set of a sweep is scored against every
-    reference set but extracted once."""
+    """FID + IS of blurred `generated` (uint8 [N, H, W, 3]) vs blurred `real` (the same, or a
+    lazy set of the same shape), features extracted on `device`. Both sets' features are cached
+    per (extractor, its weights' fingerprint, the set's content, radius): the generated set of a
+    sweep is scored against every reference set but extracted once."""
     import torch_fidelity
 
     check_pair(generated, real)
+    real_set, real_print = _real_set(real, radius)
     head = f"{extractor.name}-{extractor.fingerprint}"
     kwargs = dict(extractor.kwargs)
     if cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         kwargs.update(cache=True, cache_root=str(cache_root),
                       input1_cache_name=f"{head}-generated-{content_hash(generated)}-r{radius:g}",
-                      input2_cache_name=f"{head}-{real_tag}-{fingerprint(real)}-r{radius:g}")
+                      input2_cache_name=f"{head}-{real_tag}-{real_print}-r{radius:g}")
     else:
         kwargs.update(cache=False)
     out = torch_fidelity.calculate_metrics(
-        input1=ImageSet(generated, radius), input2=ImageSet(real, radius),
+        input1=ImageSet(generated, radius), input2=real_set,
         fid=True, isc=True, isc_splits=max(1, min(10, len(generated) // 2)),
         cuda=torch.device(device).type == "cuda",
         batch_size=batch_size, verbose=False, samples_shuffle=False,

@@ -3,19 +3,21 @@
 Symmetric InfoNCE with a learned temperature (CLIP), AdamW with linear warm-up and cosine decay.
 Caption -> image retrieval top-1 is measured on the val split in groups of
 `clip.retrieval_candidates` (32 on the default: pick the right image among 32). The loop
-(dalle.train.loop) makes it resumable, its batch sampler included.
+(dalle.train.loop) makes it resumable, its batch sampler included. The train split is held in
+memory when small (batches drawn at random, with replacement) and streamed when not.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
 
 from dalle.catalog import Artefacts, config_json
-from dalle.config_sections import Clip, Tokenizer
-from dalle.data.reader import load_split
+from dalle.config_sections import Clip, Loader, Tokenizer
+from dalle.data.reader import in_batches, split_index
+from dalle.data.stream import InMemoryBatches, StreamingBatches, in_memory
 from dalle.data.tokenizer import BPETokenizer, load_tokenizer, tokenize
 from dalle.errors import DataError
 from dalle.io import save_checkpoint, write_json
@@ -31,32 +33,21 @@ from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 log = logging.getLogger(__name__)
 
 
-def load_pairs(art: Artefacts, split: str, tokenizer: BPETokenizer, text_len: int
-               ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """uint8 images [N, H, W, 3], caption ids [N, T] (pad -1) and lengths [N] of one split."""
-    data = load_split(art, split)
-    if len(data.images) < 2:
-        raise DataError(f"the {split} split has {len(data.images)} images; the contrastive model "
-                        f"needs at least 2 (check {art.clean})")
-    ids, lengths = tokenize(tokenizer, list(data.captions), text_len)
-    return np.asarray(data.images), ids, lengths
-
-
 @torch.no_grad()
-def retrieval_top1(model: ContrastiveModel, images: np.ndarray, ids: torch.Tensor,
-                   lengths: torch.Tensor, group: int) -> float:
+def retrieval_top1(model: ContrastiveModel, groups: Iterator[tuple[np.ndarray, list[str]]],
+                   tokenizer: BPETokenizer, text_len: int, group: int) -> float:
     """Caption -> image top-1 accuracy within consecutive groups of `group` pairs."""
     model.eval()
-    n = (len(images) // group) * group
-    if n == 0:
-        raise DataError(f"val split has {len(images)} images, fewer than "
-                        f"clip.retrieval_candidates={group}")
-    hits = 0
-    for s in range(0, n, group):
-        img = model.encode_image(to_float(images[s:s + group]))  # [G, D]
-        txt = model.encode_text(ids[s:s + group], lengths[s:s + group])  # [G, D]
+    hits = n = 0
+    for images, captions in groups:
+        ids, lengths = tokenize(tokenizer, captions, text_len)
+        img = model.encode_image(to_float(images))  # [G, D]
+        txt = model.encode_text(ids, lengths)  # [G, D]
         hits += int((txt @ img.t()).argmax(dim=1).eq(torch.arange(group)).sum())
+        n += group
     model.train()
+    if n == 0:
+        raise DataError(f"the val split has fewer than clip.retrieval_candidates={group} images")
     return hits / n
 
 
@@ -69,9 +60,9 @@ def lr_at(cfg: Clip, step: int) -> float:
 class ClipTrainer:
     """The contrastive model's optimiser, batch sampler and step."""
 
-    def __init__(self, cfg: Clip, model: ContrastiveModel, pairs: tuple, seed: int) -> None:
-        self.cfg, self.model = cfg, model
-        self.images, self.ids, self.lengths = pairs
+    def __init__(self, cfg: Clip, model: ContrastiveModel, tokenizer: BPETokenizer, seed: int) -> None:
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.batches: Union[InMemoryBatches, StreamingBatches, None] = None
         self.strategy = LocalStrategy()
         self.strategy.wrap(model)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
@@ -81,20 +72,25 @@ class ClipTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         self.loss_sum, self.since_log = 0.0, 0
 
+    def pick(self, step: int, n: int) -> torch.Tensor:
+        """In memory: a batch drawn with replacement by the trainer's seeded sampler."""
+        return torch.randint(n, (min(self.cfg.batch_size, n),), generator=self.gen)
+
     def step(self, i: int) -> StepOut:
+        assert self.batches is not None
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.cfg, i)
-        idx = torch.randint(len(self.images), (min(self.cfg.batch_size, len(self.images)),),
-                            generator=self.gen)
+        images, captions = self.batches.batch(i)  # uint8 [B, H, W, 3]
+        ids, lengths = tokenize(self.tokenizer, captions, self.model.config.text_len)
         with autocast(self.precision, torch.device("cpu")):  # `auto`: measured (dalle.precision)
-            img = self.model.encode_image(to_float(self.images[idx.numpy()]))  # [B, D]
-            txt = self.model.encode_text(self.ids[idx], self.lengths[idx])  # [B, D]
+            img = self.model.encode_image(to_float(images))  # [B, D]
+            txt = self.model.encode_text(ids, lengths)  # [B, D]
         loss = contrastive_loss(img.float(), txt.float(), self.model.scale())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.loss_sum, self.since_log = self.loss_sum + loss.item(), self.since_log + 1
-        return StepOut(True, {"lr": lr_at(self.cfg, i)}, len(idx))
+        return StepOut(True, {"lr": lr_at(self.cfg, i)}, len(images))
 
     def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
         row = {"loss": self.loss_sum / max(1, self.since_log), "logit_scale": self.model.scale().item(),
@@ -110,16 +106,21 @@ class ClipTrainer:
         self.loss_sum, self.since_log = float(state["loss_sum"]), int(state["since_log"])
 
 
-def train_clip(art: Artefacts, tracker: Any, clip: Clip, image_size: int, tokenizer: Tokenizer,
-               seed: int) -> dict[str, Any]:
+def train_clip(art: Artefacts, tracker: Any, clip: Clip, loader: Loader, image_size: int,
+               tokenizer: Tokenizer, seed: int) -> dict[str, Any]:
     """The `train_clip` stage: the contrastive model, its config and metrics."""
     cfg, tok_cfg = clip, tokenizer
     seed_everything(seed)
     bpe = load_tokenizer(art.tokenizer)
-    pairs = load_pairs(art, "train", bpe, tok_cfg.text_len)
+    index = split_index(art, "train")
+    if len(index) < 2:
+        raise DataError(f"the train split has {len(index)} images; the contrastive model needs "
+                        f"at least 2 (check {art.clean})")
     config = from_section(ClipConfig, cfg, image_size=image_size, vocab_size=tok_cfg.vocab_size,
                           text_len=tok_cfg.text_len)
-    trainer = ClipTrainer(cfg, ContrastiveModel(config), pairs, seed)
+    trainer = ClipTrainer(cfg, ContrastiveModel(config), bpe, seed)
+    trainer.batches = InMemoryBatches(art, "train", loader, trainer.pick) if in_memory(index, loader) \
+        else StreamingBatches(index, loader, cfg.batch_size, seed)
     loop = Loop("train_clip", trainer.model, trainer.opt, trainer.strategy,
                 Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
                 LocalStore(art.clip_state, clip_config_dict(trainer.model)), tracker,
@@ -129,8 +130,9 @@ def train_clip(art: Artefacts, tracker: Any, clip: Clip, image_size: int, tokeni
     model = trainer.model
     if cfg.ema_decay > 0:
         model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
-    val_images, val_ids, val_len = load_pairs(art, "val", bpe, tok_cfg.text_len)
-    top1 = retrieval_top1(model, val_images, val_ids, val_len, cfg.retrieval_candidates)
+    groups = in_batches(art, "val", cfg.retrieval_candidates, loader.max_bad_fraction,
+                        drop_last=True)  # consecutive groups of val pairs, manifest order
+    top1 = retrieval_top1(model, groups, bpe, tok_cfg.text_len, cfg.retrieval_candidates)
     save_checkpoint(art.clip, model.state_dict(), clip_config_dict(model))
     write_json(config_json(art.clip), clip_config_dict(model))
     loop.store.remove()
@@ -149,8 +151,8 @@ def train_clip(art: Artefacts, tracker: Any, clip: Clip, image_size: int, tokeni
 
 STAGE = StageSpec(
     name="train_clip", fn=train_clip,
-    params=("clip", "data.image_size", "tokenizer", "seed"),
-    inputs=lambda a: (a.tokenizer, a.clean, a.raw),
+    params=("clip", "loader", "data.image_size", "tokenizer", "seed"),
+    inputs=lambda a: (a.tokenizer, a.clean),
     outputs=lambda a: (Out(a.clip), Out(config_json(a.clip)), Out(a.curves("train_clip"), cache=False),
                        Out(a.metrics("clip"), metric=True)),
     summary="the contrastive reranker (§2.6)",

@@ -4,23 +4,27 @@ Gumbel-softmax relaxation with tau cosine-annealed tau_start -> tau_final over t
 KL weight beta cosine-annealed 0 -> kl_max over kl_frac, AdamW with lr cosine-annealed lr -> lr_final
 over lr_frac, and an EMA of the weights (exponentially weighted iterate averaging) which is what is
 saved. The loop (dalle.train.loop) resumes a killed run with its schedules where they were; the
-data order is a function of (seed, step).
+data order is a function of (seed, step). The train split is held in memory when it is small and
+streamed from the clean shards when not (`dalle.data.stream`); `dvae.random_crop` adds random-crop
+augmentation from the stored resolution.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dalle.catalog import Artefacts, config_json
-from dalle.config_sections import DVAE
-from dalle.data.reader import load_split
+from dalle.config_sections import DVAE, Loader
+from dalle.data.reader import in_batches, split_index
+from dalle.data.stream import InMemoryBatches, StreamingBatches, in_memory
 from dalle.errors import DataError
 from dalle.io import write_json
 from dalle.models.config import from_section
 from dalle.models.dvae import DiscreteVAE, DVAEConfig
-from dalle.pixels import as_rgb_uint8, to_float
+from dalle.pixels import to_float
 from dalle.stage import Out, StageSpec
 from dalle.precision import autocast
 from dalle.train import precision_choice
@@ -54,19 +58,39 @@ def _resume_config(cfg: DVAE, image_size: int, seed: int) -> dict[str, Any]:
     return {**out, "image_size": image_size, "seed": seed}
 
 
-def _images(art: Artefacts, split: str) -> tuple[np.ndarray, list[str]]:
-    data = load_split(art, split)
-    if len(data.keys) == 0:
-        raise DataError(f"the {split} split under {art.clean} is empty; run collect/dedup first")
-    return np.asarray(data.images), list(data.captions)
+Batches = Union[InMemoryBatches, StreamingBatches]
+
+
+def train_batches(art: Artefacts, cfg: DVAE, loader: Loader, seed: int) -> tuple[Batches, int]:
+    """The train split's batches (in memory when small, else streamed) and the images' side."""
+    index = split_index(art, "train")
+    side = index.side
+    if side % (2 ** (cfg.group_count - 1)):
+        raise DataError(f"train images are {side}x{side}; the dVAE needs a side that divides by "
+                        f"{2 ** (cfg.group_count - 1)} (dvae.group_count)")
+    if in_memory(index, loader):
+        def pick(step: int, n: int) -> torch.Tensor:
+            return batch_indices(n, cfg.batch_size, step, seed)
+        return InMemoryBatches(art, "train", loader, pick), side
+    return StreamingBatches(index, loader, cfg.batch_size, seed), side
+
+
+def random_crop(images: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+    """Augmentation: a random square of `frac` x the side of each image, resized back to the
+    side (bilinear, antialiased): float [B, 3, S, S] -> [B, 3, S, S]."""
+    b, _, side, _ = images.shape
+    crop = max(1, round(frac * side))
+    corners = torch.randint(0, side - crop + 1, (b, 2), generator=gen)
+    out = torch.stack([images[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners.tolist())])
+    return F.interpolate(out, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 class DVAETrainer:
     """The dVAE's model, optimiser and step; the loop around it is dalle.train.loop."""
 
-    def __init__(self, cfg: DVAE, train: torch.Tensor, seed: int) -> None:
-        self.cfg, self.train, self.seed = cfg, train, seed  # train: uint8 [N, H, W, 3]
-        self.model = DiscreteVAE(from_section(DVAEConfig, cfg, image_size=int(train.shape[1])))
+    def __init__(self, cfg: DVAE, batches: Batches, image_size: int, seed: int) -> None:
+        self.cfg, self.batches, self.seed = cfg, batches, seed
+        self.model = DiscreteVAE(from_section(DVAEConfig, cfg, image_size=image_size))
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.zero_init_logits:  # all codes start equal: no code wins by the input's DC term
             torch.nn.init.zeros_(self.model.encoder.blocks.output.conv.w)
@@ -81,8 +105,11 @@ class DVAETrainer:
 
     def step(self, i: int) -> StepOut:
         cfg = self.cfg
-        idx = batch_indices(len(self.train), cfg.batch_size, i, self.seed)
-        images = to_float(self.train[idx].to(self.device), self.fmt)  # [B, 3, H, W]
+        batch, _ = self.batches.batch(i)  # uint8 [B, H, W, 3]
+        images = to_float(batch.to(self.device), self.fmt)  # [B, 3, H, W]
+        if cfg.random_crop < 1.0:  # the stream of crops is a function of (seed, step)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            images = random_crop(images, cfg.random_crop, gen).contiguous(memory_format=self.fmt)
         sched = schedules(cfg, i)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
@@ -92,7 +119,7 @@ class DVAETrainer:
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         self.opt.step()
-        return StepOut(True, {"terms": terms, **sched}, len(idx))
+        return StepOut(True, {"terms": terms, **sched}, len(batch))
 
     def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
         t = out.stats["terms"]
@@ -104,18 +131,20 @@ class DVAETrainer:
         return row
 
 
-def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, seed: int) -> dict[str, Any]:
+def val_batches(art: Artefacts, loader: Loader, size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """The val split in manifest order, `size` images at a time (bounded memory: the training
+    batch size, whose activations already fit)."""
+    return in_batches(art, "val", size, loader.max_bad_fraction)
+
+
+def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, loader: Loader, seed: int) -> dict[str, Any]:
     """Train on the clean train split; write the dVAE (EMA weights) + its config + metrics."""
     cfg = dvae
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(seed)
-    train = torch.from_numpy(as_rgb_uint8(_images(art, "train")[0], None, "train"))  # [N, H, W, 3]
-    image_size = int(train.shape[1])
-    if train.shape[1] != train.shape[2] or image_size % (2 ** (cfg.group_count - 1)):
-        raise DataError(f"train images are {tuple(train.shape[1:3])}; the dVAE needs square images "
-                        f"whose side divides by {2 ** (cfg.group_count - 1)} (dvae.group_count)")
-    trainer = DVAETrainer(cfg, train, seed)
+    batches, image_size = train_batches(art, cfg, loader, seed)
+    trainer = DVAETrainer(cfg, batches, image_size, seed)
     tracker.log_params({"dvae_params": sum(p.numel() for p in trainer.model.parameters())})
     loop = Loop("train_dvae", trainer.model, trainer.opt, trainer.strategy,
                 Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
@@ -126,8 +155,7 @@ def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, seed: int) -> dict[str,
     model = trainer.model  # the EMA weights are what is saved and used
     model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
     model = model.cpu().eval()
-    val_images, val_captions = _images(art, "val")
-    metrics = evaluate_dvae(model, val_images, val_captions, art.dvae_recon, tracker)
+    metrics = evaluate_dvae(model, val_batches(art, loader, cfg.batch_size), art.dvae_recon, tracker)
     metrics.update({"train_seconds": round(seconds, 2), "steps": cfg.steps, "image_size": image_size})
     metrics["precision"] = trainer.precision
     save_dvae(model, art.dvae, tracker)
@@ -139,8 +167,8 @@ def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, seed: int) -> dict[str,
 
 
 STAGE = StageSpec(
-    name="train_dvae", fn=train_dvae, params=("dvae", "seed"),
-    inputs=lambda a: (a.clean, a.raw),
+    name="train_dvae", fn=train_dvae, params=("dvae", "loader", "seed"),
+    inputs=lambda a: (a.clean,),
     outputs=lambda a: (Out(a.dvae), Out(config_json(a.dvae)), Out(a.dvae_recon),
                        Out(a.curves("train_dvae"), cache=False), Out(a.metrics("dvae"), metric=True)),
     summary="the dVAE with gumbel-softmax, logit-Laplace, β and τ annealing, EMA (§2.1, App. A)",

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
 from dalle.catalog import config_json
+from dalle.data.synthetic_captions import parse_caption
+from dalle.errors import DataError
 from dalle.eval import oracle
 from dalle.io import save_checkpoint, write_json
 from dalle.models.dvae import DiscreteVAE, dvae_config_dict
-from dalle.pixels import as_rgb_uint8, grid, save_png, to_float, to_uint8
-from dalle.train.dvae_loss import codebook_usage
+from dalle.pixels import grid, save_png, to_float, to_uint8
+from dalle.train.dvae_loss import usage_of
 
 log = logging.getLogger("dalle.dvae")
 ORACLE_LIMIT = 1000  # val images scored by the oracle (its cost is per image)
@@ -32,20 +34,14 @@ def reconstruct(model: DiscreteVAE, images: np.ndarray,
     return np.concatenate(recs), torch.cat(codes)
 
 
-def oracle_scores(captions: list[str], images: np.ndarray) -> Optional[dict[str, float]]:
-    """The synthetic-world oracle over up to ORACLE_LIMIT images: the fraction read as matching
-    their caption exactly ("all_correct") and the fraction right in each attribute."""
-    if not captions:
-        return None
-    n = min(len(captions), len(images), ORACLE_LIMIT)
-    rows = [oracle.score(captions[i], images[i]) for i in range(n)]
+def synthetic_captions(captions: list[str]) -> bool:
+    """Whether the captions describe the synthetic world (the oracle reads only that world)."""
+    return bool(captions) and all(parse_caption(c) is not None for c in captions[:ORACLE_LIMIT])
+
+
+def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The fraction of oracle readings right overall ("all_correct") and per attribute."""
     return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *oracle.ATTRIBUTES)}
-
-
-def oracle_accuracy(captions: list[str], images: np.ndarray) -> Optional[float]:
-    """Fraction of images the synthetic-world oracle reads as matching their caption exactly."""
-    scores = oracle_scores(captions, images)
-    return None if scores is None else scores["all_correct"]
 
 
 def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
@@ -54,23 +50,61 @@ def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8
     return save_png(grid(np.concatenate([originals[:n], recons[:n]]), cols=n), path)
 
 
-def evaluate_dvae(model: DiscreteVAE, val_images: np.ndarray, val_captions: list[str],
+class _Tally:
+    """Sums over the val batches: squared error, code counts, the oracle's readings of the
+    first ORACLE_LIMIT reconstructions and originals (synthetic world), the grid's 8 images."""
+
+    GRID = 8
+
+    def __init__(self, vocab: int) -> None:
+        self.sse, self.values, self.counts = 0.0, 0, torch.zeros(vocab, dtype=torch.float64)
+        self.synthetic: Optional[bool] = None  # decided on the first batch's captions
+        self.recon_rows: list[dict[str, Any]] = []
+        self.original_rows: list[dict[str, Any]] = []
+        self.originals: list[np.ndarray] = []
+        self.recons: list[np.ndarray] = []
+
+    def add(self, images: np.ndarray, captions: list[str], recs: np.ndarray, codes: torch.Tensor) -> None:
+        diff = (recs.astype(np.float64) - images.astype(np.float64)) / 255
+        self.sse += float((diff ** 2).sum())
+        self.values += diff.size
+        self.counts += torch.bincount(codes.reshape(-1), minlength=len(self.counts)).double()
+        if self.synthetic is None:
+            self.synthetic = synthetic_captions(list(captions))
+        room = ORACLE_LIMIT - len(self.recon_rows) if self.synthetic else 0
+        for i in range(min(room, len(captions))):  # scored now: no image is kept for it
+            self.recon_rows.append(oracle.score(captions[i], recs[i]))
+            self.original_rows.append(oracle.score(captions[i], images[i]))
+        room = self.GRID - sum(len(o) for o in self.originals)
+        if room > 0:
+            self.originals.append(images[:room].copy())
+            self.recons.append(recs[:room].copy())
+
+
+def evaluate_dvae(model: DiscreteVAE, batches: Iterable[tuple[np.ndarray, list[str]]],
                   recon_png: Path, tracker: Any) -> dict[str, Any]:
     """Val reconstruction MSE, codebook usage, the oracle's per-attribute reading of the
-    reconstructions (synthetic world), and the originals-over-reconstructions PNG."""
-    val = as_rgb_uint8(val_images, model.config.image_size, "val")
-    recs, codes = reconstruct(model, val)
-    mse = float(((recs.astype(np.float32) - val.astype(np.float32)) / 255).__pow__(2).mean())
-    usage = codebook_usage(codes, model.vocab_size)
-    metrics: dict[str, Any] = {"val_recon_mse": mse, "val_perplexity": usage["perplexity"],
+    reconstructions (synthetic world only), and the originals-over-reconstructions PNG; the val
+    split comes as (uint8 [B, H, W, 3], captions) batches, so memory does not grow with it."""
+    tally = _Tally(model.vocab_size)
+    for images, captions in batches:
+        recs, codes = reconstruct(model, images)
+        tally.add(images, captions, recs, codes)
+    if not tally.values:
+        raise DataError("the val split has no readable image to evaluate the dVAE on")
+    originals, recs = np.concatenate(tally.originals), np.concatenate(tally.recons)
+    usage = usage_of(tally.counts)
+    metrics: dict[str, Any] = {"val_recon_mse": tally.sse / tally.values,
+                               "val_perplexity": usage["perplexity"],
                                "val_perplexity_frac": usage["perplexity"] / model.vocab_size,
-                               "val_codes_used": usage["codes_used"], "n_val": len(val)}
-    scores = oracle_scores(val_captions, recs)
-    if scores is not None:  # per attribute too: which one the reconstructions lose
+                               "val_codes_used": usage["codes_used"],
+                               "n_val": int(tally.values // originals[0].size)}
+    if tally.recon_rows:  # per attribute too: which one the reconstructions lose
+        scores = _means(tally.recon_rows)
         metrics["oracle_all_correct_recon"] = scores.pop("all_correct")
         metrics.update({f"oracle_recon_{k}": v for k, v in scores.items()})
-        metrics["oracle_all_correct_originals"] = oracle_accuracy(val_captions, val)
-    tracker.log_artifact(recon_grid(recon_png, val, recs), "dvae")
+        metrics["oracle_all_correct_originals"] = _means(tally.original_rows)["all_correct"]
+    tracker.log_artifact(recon_grid(recon_png, originals, recs), "dvae")
     return metrics
 
 

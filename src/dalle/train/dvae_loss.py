@@ -69,7 +69,12 @@ def elb_terms(model: DiscreteVAE, images: torch.Tensor, tau: float, beta: float,
 
 def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
     """Perplexity exp(H(usage)) of the code histogram and the fraction of codes used at least once."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=vocab_size).double()
+    return usage_of(torch.bincount(codes.reshape(-1).long(), minlength=vocab_size).double())
+
+
+def usage_of(counts: torch.Tensor) -> dict[str, float]:
+    """Perplexity and codes used of a code histogram counts [K]."""
+    counts = counts.double()
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"perplexity": math.exp(entropy), "codes_used": float((counts > 0).double().mean())}

@@ -153,13 +153,14 @@ class Loop:
         return seconds, items / max(seconds, 1e-9)
 
     def _check_loss(self, row: dict[str, float], patience: int = 3) -> None:
-        """Stop with one line after `patience` logged rows in a row with a NaN/inf loss."""
+        """Stop with one line after `patience` logged rows in a row with a NaN/inf loss, or at
+        once when it is the last row (what would be exported)."""
         loss = row.get("loss")
         if loss is None or math.isfinite(loss):
             self.bad_rows = 0
             return
         self.bad_rows += 1
-        if self.bad_rows >= patience:
+        if self.bad_rows >= patience or self.step >= self.cadence.steps:  # never export it
             raise Diverged(f"{self.name}: the loss was {loss} for {self.bad_rows} logged rows in a "
                            f"row (step {self.step}); nothing further is saved - lower the learning "
                            "rate or check the data, then rerun (it resumes from the last checkpoint)")

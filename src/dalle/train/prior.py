@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from dalle.catalog import Artefacts, config_json
+from dalle.catalog import SPLITS, Artefacts, config_json
 from dalle.config_sections import Distributed, Prior, Tokenizer
 from dalle.distributed.checkpoint import RankStore
 from dalle.distributed.strategy import strategy_for
@@ -146,11 +147,16 @@ def evaluate(model: DalleTransformer, data: TokenSet, cfg: Prior, max_rows: int 
 
 
 def _data(art: Artefacts, tok: Tokenizer, image_vocab: int) -> tuple[TokenSet, TokenSet]:
-    train, val = load_tokens(art.tokens("train"), tok.text_len), load_tokens(art.tokens("val"), tok.text_len)
+    train, val = (load_tokens(token_files(art, split), tok.text_len, split) for split in SPLITS)
     if int(train.image_tokens.max()) >= image_vocab or int(train.text_tokens.max()) >= tok.vocab_size:
-        raise DataError(f"{art.tokens('train')} has token ids beyond the vocabularies "
+        raise DataError(f"the train tokens in {art.tokens_dir} have ids beyond the vocabularies "
                         f"(image {image_vocab}, text {tok.vocab_size}); re-run encode")
     return train, val
+
+
+def token_files(art: Artefacts, split: str) -> list[Path]:
+    """The encode stage's files of a split, in shard order."""
+    return sorted(art.tokens_dir.glob(art.tokens(split, 0).name.replace("00000", "*")))
 
 
 def train_prior(art: Artefacts, tracker: Any, prior: Prior, tokenizer: Tokenizer, image_vocab: int,

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TokenSet:
-    image_tokens: torch.Tensor  # [N, grid²] long
-    text_tokens: torch.Tensor  # [N, T] long, pad -1
+    image_tokens: torch.Tensor  # [N, grid²] int32 (half of long: 4 bytes a token held)
+    text_tokens: torch.Tensor  # [N, T] int32, pad -1
     text_lengths: torch.Tensor  # [N] long
     captions: list[str]
 
@@ -35,26 +35,41 @@ class TokenSet:
         return self.image_tokens.shape[0]
 
 
-def load_tokens(path: str | Path, text_len: int) -> TokenSet:
-    """Read and check one split; every problem is one DataError line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"token file not found: {path} (run the encode stage first)")
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("image_tokens", "text_tokens", "text_lengths")}
-            captions = [str(c) for c in z["captions"]] if "captions" in z.files else []
+            arrays["captions"] = z["captions"] if "captions" in z.files else np.zeros(0, str)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path} is not a valid tokens npz ({' '.join(str(exc).split())[:120]})") from None
-    img, txt, lens = arrays["image_tokens"], arrays["text_tokens"], arrays["text_lengths"]
-    n = img.shape[0]
-    if n == 0 or img.ndim != 2 or math.isqrt(img.shape[1]) ** 2 != img.shape[1]:
-        raise DataError(f"{path}: image_tokens has shape {img.shape}, expected [N>0, grid²]")
-    if txt.shape != (n, text_len) or lens.shape != (n,):
-        raise DataError(f"{path}: text_tokens {txt.shape} / text_lengths {lens.shape} do not match "
-                        f"[{n}, tokenizer.text_len={text_len}]")
-    return TokenSet(torch.from_numpy(img.astype(np.int64)), torch.from_numpy(txt.astype(np.int64)),
-                    torch.from_numpy(lens.astype(np.int64)).clamp(0, text_len), captions)
+    return arrays
+
+
+def load_tokens(files: list[Path], text_len: int, what: str) -> TokenSet:
+    """Read, check and join the token files of one split (the encode stage writes one per
+    clean shard, in order); every problem is one DataError line naming the file."""
+    if not files:
+        raise DataError(f"no token file for the {what} split (run the encode stage first)")
+    parts = []
+    for path in files:
+        arrays = _read_npz(path)
+        img, txt, lens = arrays["image_tokens"], arrays["text_tokens"], arrays["text_lengths"]
+        n = img.shape[0]
+        if n == 0 or img.ndim != 2 or math.isqrt(img.shape[1]) ** 2 != img.shape[1]:
+            raise DataError(f"{path}: image_tokens has shape {img.shape}, expected [N>0, grid²]")
+        if txt.shape != (n, text_len) or lens.shape != (n,):
+            raise DataError(f"{path}: text_tokens {txt.shape} / text_lengths {lens.shape} do not "
+                            f"match [{n}, tokenizer.text_len={text_len}]")
+        if parts and img.shape[1] != parts[0]["image_tokens"].shape[1]:
+            raise DataError(f"{path}: {img.shape[1]} image tokens per image, not "
+                            f"{parts[0]['image_tokens'].shape[1]} as in {files[0]}; rerun encode")
+        parts.append(arrays)
+    img, txt, lens = (np.concatenate([p[k] for p in parts])
+                      for k in ("image_tokens", "text_tokens", "text_lengths"))
+    captions = [str(c) for p in parts for c in p["captions"]]
+    return TokenSet(torch.from_numpy(img.astype(np.int32)), torch.from_numpy(txt.astype(np.int32)),
+                    torch.from_numpy(lens.astype(np.int64)).clamp(0, text_len),
+                    captions if len(captions) == len(img) else [])
 
 
 class BatchIterator:
@@ -63,10 +78,13 @@ class BatchIterator:
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, index: int = 0) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.index = epoch, index
+        self._cached: tuple[int, torch.Tensor] = (-1, torch.zeros(0, dtype=torch.long))
 
     def _order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
+        if self._cached[0] != self.epoch:  # one permutation per epoch, not one per batch
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._cached = (self.epoch, torch.randperm(self.n, generator=g))
+        return self._cached[1]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -111,7 +129,7 @@ def make_caption_dropout(path: Path, data: TokenSet, text_len: int,
 
 def get_batch(data: TokenSet, idx: torch.Tensor, dropout: Optional[CaptionDropout]) -> tuple[torch.Tensor, ...]:
     """-> text_ids [B, T], text_lengths [B], image_tokens [B, N] for the rows idx."""
-    text, lengths = data.text_tokens[idx], data.text_lengths[idx]
+    text, lengths = data.text_tokens[idx].long(), data.text_lengths[idx]
     if dropout is not None:
         text, lengths = dropout([data.captions[i] for i in idx.tolist()])
-    return text, lengths, data.image_tokens[idx]
+    return text, lengths, data.image_tokens[idx].long()
