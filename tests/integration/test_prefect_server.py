@@ -115,7 +115,7 @@ def test_served_deployment_has_schedule_and_runs(server, tmp_path) -> None:
     assert deployment.parameters["stages"] == ["collect", "dedup"]
     assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
     assert (tmp_path / "data" / "raw" / "manifest.parquet").is_file()  # the real stages ran there
-    assert (tmp_path / "data" / "clean" / "manifest.parquet").is_file()
+    assert (tmp_path / "data" / "dedup" / "manifest.parquet").is_file()
 
 
 def test_bad_cron_is_one_line(server, tmp_path) -> None:
