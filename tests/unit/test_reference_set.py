@@ -73,3 +73,19 @@ def test_lazy_reference_gives_the_array_numbers(world, tmp_path):
     c = fid.fidelity(generated, refs["no_overlap"], 0.0, ext, "no_overlap", None)
     d = fid.fidelity(generated, images[kept], 0.0, ext, "no_overlap", None)
     assert c["fid"] == pytest.approx(d["fid"], rel=1e-6) and c["n_real"] == 9
+
+
+def test_a_small_split_is_held_in_memory_with_the_same_items(world):
+    """Under `loader.in_memory_max_mb` the first pass keeps the pixels: the same items, the same
+    fingerprints and the same blurred tensors as the lazy path, and no shard read afterwards."""
+    art, images = world
+    lazy, held = reference_sets(art, 0.1, 0.0), reference_sets(art, 0.1, 1.0)
+    assert lazy["all"].pixels is None and held["all"].pixels is not None
+    for name in ("all", "no_overlap"):
+        assert held[name].items == lazy[name].items and held[name].fingerprint == lazy[name].fingerprint
+        for radius in (0.0, 2.0):
+            a, b = held[name].blurred(radius), lazy[name].blurred(radius)
+            assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
+    assert held["all"]._data is None and held["no_overlap"].blurred(1.0)._data is None
+    kept = np.array([i not in (3, 7) for i in range(12) if i != 10])
+    assert np.array_equal(held["no_overlap"].pixels, images[kept])

@@ -122,7 +122,7 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     cand = load_candidates(art.candidates)
     if len(cand["captions"]) == 0:
         raise DataError(f"{art.candidates} has an empty caption list")
-    refs = reference_sets(art, loader.max_bad_fraction)
+    refs = reference_sets(art, loader.max_bad_fraction, loader.in_memory_max_mb)
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
     blur, rerank_rows, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
