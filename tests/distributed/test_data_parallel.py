@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,15 +46,23 @@ def _sets(root: Path, out: str, **extra: object) -> list[str]:
     return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
 
 
-def _stage(name: str, root: Path, out: str, num_proc: int, **extra: object) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", HOROVOD_GLOO_TIMEOUT_SECONDS="60")
     env.pop("HOROVOD_RANK", None)
+    return env
+
+
+def _cmd(name: str, root: Path, out: str, num_proc: int, **extra: object) -> list[str]:
     if (root / "base" / "models").is_dir():  # the tokenizer (train_clip reads it)
         shutil.copytree(root / "base" / "models", root / out / "models", dirs_exist_ok=True)
-    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(REPO / "params.yaml"),
-           *_sets(root, out, **{"distributed.num_proc": num_proc, **extra})]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return [sys.executable, "-m", f"stages.{name}", "--params", str(REPO / "params.yaml"),
+            *_sets(root, out, **{"distributed.num_proc": num_proc, **extra})]
+
+
+def _stage(name: str, root: Path, out: str, num_proc: int, **extra: object) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(name, root, out, num_proc, **extra), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +149,28 @@ def test_dvae_streams_on_two_ranks(world: Path) -> None:
     assert (world / "stream" / "models" / "dvae.safetensors").exists()
     weights = load_checkpoint(world / "stream" / "models" / "dvae.safetensors")[0]
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_two_rank_streaming_dvae_resumes_after_kill(world: Path) -> None:
+    """kill -9 of horovodrun and both ranks once rank 0's training state exists; the rerun
+    resumes from it on both ranks (streamed: each rank at its place in its share of the epoch) and
+    exports the weights of an uninterrupted two-rank run, bit for bit."""
+    sets = {**DVAE, "loader.in_memory_max_mb": 0, "loader.workers": 0, "loader.chunk": 8,
+            "dvae.steps": 60, "dvae.checkpoint_every": 5, "dvae.log_every": 10}
+    base = _stage("train_dvae", world, "kbase", 2, **sets)
+    assert base.returncode == 0, base.stderr[-3000:]
+    proc = subprocess.Popen(_cmd("train_dvae", world, "killed", 2, **sets), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state, deadline = world / "killed" / "models" / "dvae_train_state.safetensors", time.monotonic() + 240
+    while not state.exists():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "no training state appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and both ranks, at once
+    proc.wait()
+    rerun = _stage("train_dvae", world, "killed", 2, **sets)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming at step" in rerun.stderr
+    want, got = (load_checkpoint(world / run / "models" / "dvae.safetensors")[0] for run in ("kbase", "killed"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not state.exists()
