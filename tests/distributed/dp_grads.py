@@ -25,11 +25,11 @@ B = 8
 
 
 def grads(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def compare(strategy: Any, model: torch.nn.Module, loss_full: Callable[[torch.nn.Module], torch.Tensor],
-            loss_part: Callable[[torch.nn.Module, Any], torch.Tensor]) -> dict[str, float]:
+def compare(strategy: Any, model: torch.nn.Module, loss_full: Callable[[Any], torch.Tensor],
+            loss_part: Callable[[Any, Any], torch.Tensor]) -> dict[str, float]:
     ref = copy.deepcopy(model)
     loss_full(ref).backward()
     strategy.wrap(model)

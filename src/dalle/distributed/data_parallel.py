@@ -139,7 +139,7 @@ class ChiefStore:
     saves and removes; every rank resumes from the same file (the ranks' states are equal), and
     a rank that cannot see it (no shared filesystem) stops the run in one line."""
 
-    def __init__(self, inner: Any, strategy: DataParallel) -> None:
+    def __init__(self, inner: Any, strategy: Any) -> None:  # a DataParallel
         self.inner, self.strategy = inner, strategy
         self.path: Optional[Path] = getattr(inner, "path", None)
 

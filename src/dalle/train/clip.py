@@ -17,7 +17,7 @@ is still over the B gathered pairs. Rank 0 alone checkpoints, evaluates, writes 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Union, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class ClipTrainer:
                  strategy: Any = None) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.batches: Union[InMemoryBatches, StreamingBatches, None] = None
-        self.strategy = strategy or LocalStrategy()  # or data_parallel.DataParallel
+        self.strategy = cast(Any, strategy or LocalStrategy())  # or data_parallel.DataParallel
         self.strategy.wrap(model)
         self.rows = self.strategy.batch_slice(cfg.batch_size)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,

@@ -17,7 +17,7 @@ Rank 0 alone checkpoints, evaluates, writes and logs.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ class DVAETrainer:
     def __init__(self, cfg: DVAE, batches: Batches, image_size: int, seed: int,
                  strategy: Any = None) -> None:
         self.cfg, self.batches, self.seed = cfg, batches, seed
-        self.strategy = strategy or LocalStrategy()  # or data_parallel.DataParallel
+        self.strategy = cast(Any, strategy or LocalStrategy())  # or data_parallel.DataParallel
         self.model = DiscreteVAE(from_section(DVAEConfig, cfg, image_size=image_size))
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.zero_init_logits:  # all codes start equal: no code wins by the input's DC term

@@ -54,7 +54,8 @@ def uniform_noise(logits: torch.Tensor, part: Optional[BatchPart] = None) -> tor
     draw one process makes for the global batch (same shape and memory layout, same generator)."""
     if part is None:
         return torch.rand_like(logits)
-    order = sorted(range(logits.dim()), key=lambda d: (-logits.stride(d), d))  # memory order
+    strides = logits.stride()
+    order = sorted(range(logits.dim()), key=lambda d: (-strides[d], d))  # memory order
     shape = (part.total, *logits.shape[1:])
     full = torch.empty([shape[d] for d in order], dtype=logits.dtype, device=logits.device)
     full = full.permute(*[order.index(d) for d in range(logits.dim())]).uniform_()  # as rand_like
