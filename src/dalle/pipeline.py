@@ -100,6 +100,7 @@ def run_stage(name: str, params: Params, params_file: str = "params.yaml",
     preset, overrides)); returns {"stage", "metrics", "outs", "mlflow_run_id"}."""
     spec = select([name])[0]
     outs = [str(o.path) for o in spec.outputs(Artefacts(params.paths))]
+    spec.check(params)
     if spec.distributed and will_relaunch(params.distributed):
         metrics, run_id = _run_stage_process(spec, params, params_file, preset, overrides)
     else:

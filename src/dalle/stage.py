@@ -54,6 +54,7 @@ class StageSpec:
     outputs: Callable[[Artefacts], tuple[Out, ...]]
     summary: str  # what the stage does, with the paper's section
     distributed: bool = False  # runs on distributed.num_proc Horovod ranks when asked
+    preflight: Optional[Callable[[Params], None]] = None  # raises ConfigError before any launch
 
     def param_keys(self) -> tuple[str, ...]:
         """The dotted params keys (what dvc.yaml lists under `params:`)."""
@@ -70,6 +71,12 @@ class StageSpec:
             out[alias or dotted.rsplit(".", 1)[-1]] = value
         return out
 
+    def check(self, params: Params) -> None:
+        """The spec's preflight (e.g. the batch divides by distributed.num_proc), before a relaunch
+        turns one clear error line into one per rank."""
+        if self.preflight is not None:
+            self.preflight(params)
+
     def run(self, params: Params, tracker: Any) -> dict[str, Any]:
         """The stage's work in this process; returns its metrics."""
         return self.fn(Artefacts(params.paths), tracker, **self.arguments(params))
@@ -79,6 +86,7 @@ class StageSpec:
         configure_logging()
         args = parse_stage_args(self.name, argv)
         params = run_guarded(lambda: load_params(args.params, args.preset, args.overrides))
+        run_guarded(lambda: self.check(params))
         if self.distributed and will_relaunch(params.distributed):
             self._relaunch(params, list(sys.argv[1:] if argv is None else argv))
 

@@ -51,6 +51,33 @@ class GroupComm:
     def broadcast_(self, tensor: torch.Tensor, root: int, name: str) -> None:
         hvd.broadcast_(tensor, root_rank=root, name=f"{self.tag}.{name}", process_set=self.ps)
 
+    def gather_rows(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Every rank's rows of `tensor` [b, ...] (the same b on every rank), in rank order:
+        [size * b, ...], differentiable (see _GatherRows)."""
+        out: torch.Tensor = _GatherRows.apply(tensor, self, name)
+        return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward is its adjoint: each rank's gradient of the gathered
+    tensor is summed over ranks (every rank's loss may read every rank's rows) and this rank's
+    rows are returned. With the gradients then averaged over ranks, a loss that every rank
+    computes on the gathered tensor gets the gradient one process gets on the whole batch."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, comm: GroupComm, name: str) -> torch.Tensor:
+        ctx.comm, ctx.name, ctx.rows = comm, name, tensor.shape[0]
+        out = comm.wait(comm.allgather_async(tensor.detach().contiguous(), name))
+        if out.shape[0] != comm.size * ctx.rows:
+            raise RuntimeError(f"gather_rows {name}: ranks hold different numbers of rows")
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
+        total = ctx.comm.allreduce_sum(grad.contiguous(), f"{ctx.name}.grad")
+        start = ctx.comm.rank * ctx.rows
+        return total[start:start + ctx.rows], None, None
+
 
 @dataclass
 class Groups:

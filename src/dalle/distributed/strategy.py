@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from dalle.config_sections import Distributed
+from dalle.distributed.data_parallel import rank_device
 from dalle.distributed.launch import under_horovod
 from dalle.distributed.powersgd import PowerSGD, shard_rank
 from dalle.distributed.sharding import (FlatShard, LocalComm, Prefetcher, ShardedRest, iter_shards,
                                         shard_blocks)
 from dalle.errors import CheckpointError, ConfigError
-from dalle.train.common import named_decays, resolve_device
+from dalle.train.common import named_decays
 
 
 class ShardedStrategy:
@@ -54,25 +55,8 @@ class ShardedStrategy:
 
     # ------------------------------------------------------------------ topology
     def device(self, name: str) -> torch.device:
-        """params `prior.device` on this rank: one GPU per rank, `cuda:<local rank>`, whose
-        collectives go through NCCL; `auto` takes the GPU only where Horovod was built with NCCL
-        (a Gloo-only build keeps the ranks on CPU tensors, as on this project's CI machine)."""
-        dev = resolve_device(name)
-        if self.world is None or dev.type != "cuda":
-            return dev
-        from dalle.distributed import horovod as hv
-
-        local = hv.local_rank()
-        if not hv.nccl_built():
-            if name == "auto":
-                return torch.device("cpu")
-            raise ConfigError("prior.device: cuda on Horovod ranks needs Horovod built with "
-                              "HOROVOD_GPU_OPERATIONS=NCCL (this one is not); use auto or cpu")
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"rank with local rank {local} has no GPU of its own "
-                              f"({torch.cuda.device_count()} visible): launch at most one rank per GPU")
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        """params `prior.device` on this rank (dalle.distributed.data_parallel.rank_device)."""
+        return rank_device(name, self.world is not None, "prior.device")
 
     @property
     def rank(self) -> int:

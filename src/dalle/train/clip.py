@@ -5,17 +5,26 @@ Caption -> image retrieval top-1 is measured on the val split in groups of
 `clip.retrieval_candidates` (32 on the default: pick the right image among 32). The loop
 (dalle.train.loop) makes it resumable, its batch sampler included. The train split is held in
 memory when small (batches drawn at random, with replacement) and streamed when not.
+
+Under horovodrun (`distributed.num_proc > 1`) it trains data-parallel
+(dalle.distributed.data_parallel): in memory, every rank draws the global batch with the same
+sampler and keeps its rows [r*B/n, (r+1)*B/n); the embeddings of every rank are gathered, so each
+rank's loss is the global batch's B x B contrastive loss, and the gather's backward (summed over
+ranks) with the averaged gradients gives one process's gradient: the weights equal one process's
+to float rounding. Streamed, each rank reads B/n samples of its own share of the epoch and the loss
+is still over the B gathered pairs. Rank 0 alone checkpoints, evaluates, writes and logs.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Union, cast
 
 import numpy as np
 import torch
 
 from dalle.catalog import Artefacts, config_json
 from dalle.config_sections import Clip, Loader, Tokenizer
+from dalle.distributed.data_parallel import ChiefStore, agreed_precision, data_parallel, divides
 from dalle.data.reader import in_batches, split_index
 from dalle.data.stream import InMemoryBatches, StreamingBatches, in_memory
 from dalle.data.tokenizer import BPETokenizer, load_tokenizer, tokenize
@@ -60,21 +69,26 @@ def lr_at(cfg: Clip, step: int) -> float:
 class ClipTrainer:
     """The contrastive model's optimiser, batch sampler and step."""
 
-    def __init__(self, cfg: Clip, model: ContrastiveModel, tokenizer: BPETokenizer, seed: int) -> None:
+    def __init__(self, cfg: Clip, model: ContrastiveModel, tokenizer: BPETokenizer, seed: int,
+                 strategy: Any = None) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.batches: Union[InMemoryBatches, StreamingBatches, None] = None
-        self.strategy = LocalStrategy()
+        self.strategy = cast(Any, strategy or LocalStrategy())  # or data_parallel.DataParallel
         self.strategy.wrap(model)
+        self.rows = self.strategy.batch_slice(cfg.batch_size)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
                                      betas=(0.9, 0.98))
-        self.precision = precision_choice.for_clip_model(cfg.precision, model, cfg.batch_size,
-                                                         contrastive_loss).precision
+        chosen = precision_choice.for_clip_model(cfg.precision, model, self.rows.stop - self.rows.start,
+                                                 contrastive_loss).precision
+        self.precision = agreed_precision(self.strategy, chosen)
         self.gen = torch.Generator().manual_seed(seed)
         self.loss_sum, self.since_log = 0.0, 0
 
     def pick(self, step: int, n: int) -> torch.Tensor:
-        """In memory: a batch drawn with replacement by the trainer's seeded sampler."""
-        return torch.randint(n, (min(self.cfg.batch_size, n),), generator=self.gen)
+        """In memory: a batch drawn with replacement by the trainer's seeded sampler (every rank
+        draws the whole batch and keeps its rows)."""
+        idx = torch.randint(n, (min(self.cfg.batch_size, n),), generator=self.gen)
+        return idx[self.strategy.batch_slice(len(idx))] if self.strategy.size > 1 else idx
 
     def step(self, i: int) -> StepOut:
         assert self.batches is not None
@@ -85,12 +99,16 @@ class ClipTrainer:
         with autocast(self.precision, torch.device("cpu")):  # `auto`: measured (dalle.precision)
             img = self.model.encode_image(to_float(images))  # [B, D]
             txt = self.model.encode_text(ids, lengths)  # [B, D]
-        loss = contrastive_loss(img.float(), txt.float(), self.model.scale())
+        img, txt = img.float(), txt.float()
+        if self.strategy.size > 1:  # every rank's pairs: the global batch's loss on each rank
+            img, txt = self.strategy.gather_rows(img, "clip.img"), self.strategy.gather_rows(txt, "clip.txt")
+        loss = contrastive_loss(img, txt, self.model.scale())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.strategy.after_backward()  # data parallel: the ranks' mean gradient; else nothing
         self.opt.step()
         self.loss_sum, self.since_log = self.loss_sum + loss.item(), self.since_log + 1
-        return StepOut(True, {"lr": lr_at(self.cfg, i)}, len(images))
+        return StepOut(True, {"lr": lr_at(self.cfg, i)}, len(img))  # the global batch's pairs
 
     def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
         row = {"loss": self.loss_sum / max(1, self.since_log), "logit_scale": self.model.scale().item(),
@@ -110,6 +128,7 @@ def train_clip(art: Artefacts, tracker: Any, clip: Clip, loader: Loader, image_s
                tokenizer: Tokenizer, seed: int) -> dict[str, Any]:
     """The `train_clip` stage: the contrastive model, its config and metrics."""
     cfg, tok_cfg = clip, tokenizer
+    strategy = data_parallel()  # DataParallel under horovodrun, else LocalStrategy
     seed_everything(seed)
     bpe = load_tokenizer(art.tokenizer)
     index = split_index(art, "train")
@@ -118,15 +137,19 @@ def train_clip(art: Artefacts, tracker: Any, clip: Clip, loader: Loader, image_s
                         f"at least 2 (check {art.clean})")
     config = from_section(ClipConfig, cfg, image_size=image_size, vocab_size=tok_cfg.vocab_size,
                           text_len=tok_cfg.text_len)
-    trainer = ClipTrainer(cfg, ContrastiveModel(config), bpe, seed)
+    trainer = ClipTrainer(cfg, ContrastiveModel(config), bpe, seed, strategy)
+    rows = trainer.rows.stop - trainer.rows.start
     trainer.batches = InMemoryBatches(art, "train", loader, trainer.pick) if in_memory(index, loader) \
-        else StreamingBatches(index, loader, cfg.batch_size, seed)
-    loop = Loop("train_clip", trainer.model, trainer.opt, trainer.strategy,
+        else StreamingBatches(index, loader, rows, seed, strategy.rank, strategy.size)
+    store = LocalStore(art.clip_state, clip_config_dict(trainer.model))
+    loop = Loop("train_clip", trainer.model, trainer.opt, strategy,
                 Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
-                LocalStore(art.clip_state, clip_config_dict(trainer.model)), tracker,
+                ChiefStore(store, strategy) if strategy.size > 1 else store, tracker,
                 trainer.step, trainer.log_row, postfix=lambda r: {"loss": f"{r['loss']:.3f}"},
                 extra_state=trainer.extra_state, load_extra=trainer.load_extra)
     seconds, _ = loop.run()
+    if not strategy.is_chief:  # rank 0 alone evaluates, writes and logs
+        return {"train_seconds": round(seconds, 1), "precision": trainer.precision}
     model = trainer.model
     if cfg.ema_decay > 0:
         model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
@@ -155,5 +178,7 @@ STAGE = StageSpec(
     inputs=lambda a: (a.tokenizer, a.clean),
     outputs=lambda a: (Out(a.clip), Out(config_json(a.clip)), Out(a.curves("train_clip"), cache=False),
                        Out(a.metrics("clip"), metric=True)),
-    summary="the contrastive reranker (§2.6)",
+    summary="the contrastive reranker (§2.6); data-parallel over Horovod ranks when "
+            "distributed.num_proc > 1",
+    distributed=True, preflight=lambda p: divides(p.clip.batch_size, p.distributed.num_proc, "clip"),
 )

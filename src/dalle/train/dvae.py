@@ -7,10 +7,17 @@ saved. The loop (dalle.train.loop) resumes a killed run with its schedules where
 data order is a function of (seed, step). The train split is held in memory when it is small and
 streamed from the clean shards when not (`dalle.data.stream`); `dvae.random_crop` adds random-crop
 augmentation from the stored resolution.
+
+Under horovodrun (`distributed.num_proc > 1`) it trains data-parallel
+(dalle.distributed.data_parallel): in memory, rank r takes rows [r*B/n, (r+1)*B/n) of the batch
+one process would draw, the gumbel noise and the crops are drawn for the whole batch and sliced,
+the codebook-usage term reads every rank's mean posterior: the weights equal one process's to float
+rounding. Streamed, each rank reads B/n samples of its own share of the epoch (no sample twice).
+Rank 0 alone checkpoints, evaluates, writes and logs.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 
 from dalle.catalog import Artefacts, config_json
 from dalle.config_sections import DVAE, Loader
+from dalle.distributed.data_parallel import ChiefStore, agreed_precision, data_parallel, divides
 from dalle.data.reader import in_batches, split_index
 from dalle.data.stream import InMemoryBatches, StreamingBatches, in_memory
 from dalle.errors import DataError
@@ -30,7 +38,7 @@ from dalle.precision import autocast
 from dalle.train import precision_choice
 from dalle.train.common import LocalStrategy, cosine_anneal, resolve_device, seed_everything
 from dalle.train.dvae_eval import evaluate_dvae, save_dvae
-from dalle.train.dvae_loss import codebook_usage, elb_terms
+from dalle.train.dvae_loss import BatchPart, codebook_usage, elb_terms, usage_of
 from dalle.train.loop import Cadence, LocalStore, Loop, StepOut
 
 _NOT_IN_RESUME_CHECK = ("log_every", "checkpoint_every", "threads", "channels_last", "device")
@@ -61,8 +69,12 @@ def _resume_config(cfg: DVAE, image_size: int, seed: int) -> dict[str, Any]:
 Batches = Union[InMemoryBatches, StreamingBatches]
 
 
-def train_batches(art: Artefacts, cfg: DVAE, loader: Loader, seed: int) -> tuple[Batches, int]:
-    """The train split's batches (in memory when small, else streamed) and the images' side."""
+def train_batches(art: Artefacts, cfg: DVAE, loader: Loader, seed: int,
+                  strategy: Any = None) -> tuple[Batches, int]:
+    """The train split's batches (in memory when small, else streamed) and the images' side;
+    under data parallelism this rank's part of them (module docstring)."""
+    strategy = strategy or LocalStrategy()
+    rows = strategy.batch_slice(cfg.batch_size)
     index = split_index(art, "train")
     side = index.side
     if side % (2 ** (cfg.group_count - 1)):
@@ -70,17 +82,21 @@ def train_batches(art: Artefacts, cfg: DVAE, loader: Loader, seed: int) -> tuple
                         f"{2 ** (cfg.group_count - 1)} (dvae.group_count)")
     if in_memory(index, loader):
         def pick(step: int, n: int) -> torch.Tensor:
-            return batch_indices(n, cfg.batch_size, step, seed)
+            return batch_indices(n, cfg.batch_size, step, seed)[rows]
         return InMemoryBatches(art, "train", loader, pick), side
-    return StreamingBatches(index, loader, cfg.batch_size, seed), side
+    return StreamingBatches(index, loader, rows.stop - rows.start, seed, strategy.rank,
+                            strategy.size), side
 
 
-def random_crop(images: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+def random_crop(images: torch.Tensor, frac: float, gen: torch.Generator,
+                part: Optional[BatchPart] = None) -> torch.Tensor:
     """Augmentation: a random square of `frac` x the side of each image, resized back to the
-    side (bilinear, antialiased): float [B, 3, S, S] -> [B, 3, S, S]."""
+    side (bilinear, antialiased): float [B, 3, S, S] -> [B, 3, S, S]. `part`: the corners are
+    drawn for the whole data-parallel batch and this rank's rows kept."""
     b, _, side, _ = images.shape
     crop = max(1, round(frac * side))
-    corners = torch.randint(0, side - crop + 1, (b, 2), generator=gen)
+    corners = torch.randint(0, side - crop + 1, (part.total if part else b, 2), generator=gen)
+    corners = corners[part.rows] if part else corners
     out = torch.stack([images[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners.tolist())])
     return F.interpolate(out, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
@@ -88,20 +104,26 @@ def random_crop(images: torch.Tensor, frac: float, gen: torch.Generator) -> torc
 class DVAETrainer:
     """The dVAE's model, optimiser and step; the loop around it is dalle.train.loop."""
 
-    def __init__(self, cfg: DVAE, batches: Batches, image_size: int, seed: int) -> None:
+    def __init__(self, cfg: DVAE, batches: Batches, image_size: int, seed: int,
+                 strategy: Any = None) -> None:
         self.cfg, self.batches, self.seed = cfg, batches, seed
+        self.strategy = cast(Any, strategy or LocalStrategy())  # or data_parallel.DataParallel
         self.model = DiscreteVAE(from_section(DVAEConfig, cfg, image_size=image_size))
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.zero_init_logits:  # all codes start equal: no code wins by the input's DC term
             torch.nn.init.zeros_(self.model.encoder.blocks.output.conv.w)
-        self.device = resolve_device(cfg.device)
+        self.device = (resolve_device(cfg.device) if self.strategy.size == 1
+                       else self.strategy.device(cfg.device, "dvae.device"))
         self.model.to(self.device, memory_format=self.fmt)
-        self.strategy = LocalStrategy()
         self.strategy.wrap(self.model)
+        rows = self.strategy.batch_slice(cfg.batch_size)
+        self.part = (BatchPart(rows, cfg.batch_size, self.strategy.gather_rows)
+                     if self.strategy.size > 1 else None)
         self.opt = torch.optim.AdamW(self.strategy.param_groups(cfg.weight_decay), lr=cfg.lr,
                                      betas=(0.9, 0.999), eps=1e-8)  # paper App. A.2
-        self.precision = precision_choice.for_dvae_model(cfg.precision, self.model, cfg.batch_size,
-                                                         self.device, self.fmt, cfg.kl_max, elb_terms).precision
+        chosen = precision_choice.for_dvae_model(cfg.precision, self.model, rows.stop - rows.start,
+                                                 self.device, self.fmt, cfg.kl_max, elb_terms).precision
+        self.precision = agreed_precision(self.strategy, chosen)
 
     def step(self, i: int) -> StepOut:
         cfg = self.cfg
@@ -109,25 +131,40 @@ class DVAETrainer:
         images = to_float(batch.to(self.device), self.fmt)  # [B, 3, H, W]
         if cfg.random_crop < 1.0:  # the stream of crops is a function of (seed, step)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            images = random_crop(images, cfg.random_crop, gen).contiguous(memory_format=self.fmt)
+            images = random_crop(images, cfg.random_crop, gen, self.part).contiguous(memory_format=self.fmt)
         sched = schedules(cfg, i)
         for group in self.opt.param_groups:
             group["lr"] = sched["lr"]
         with autocast(self.precision, self.device):  # `auto`: measured (dalle.precision)
             terms = elb_terms(self.model, images, sched["tau"], sched["beta"], cfg.straight_through,
-                              cfg.usage_weight)
+                              cfg.usage_weight, self.part)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
+        self.strategy.after_backward()  # data parallel: the ranks' mean gradient; else nothing
         self.opt.step()
         return StepOut(True, {"terms": terms, **sched}, len(batch))
 
     def log_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
         t = out.stats["terms"]
+        if self.strategy.size > 1:  # the global batch's values (collective: every rank logs)
+            return self._global_row(out, images_per_s * self.strategy.size)
         row = {"loss": float(t.loss.detach()), "nll_per_dim": float(t.nll), "kl_per_dim": float(t.kl),
                "elb_per_dim": -float(t.nll + t.kl), "recon_mse": float(t.mse),
                "tau": out.stats["tau"], "beta": out.stats["beta"], "lr": out.stats["lr"],
                "images_per_s": images_per_s}
         row.update({f"batch_{k}": v for k, v in codebook_usage(t.codes, self.cfg.vocab_size).items()})
+        return row
+
+    def _global_row(self, out: StepOut, images_per_s: float) -> dict[str, float]:
+        """The row over every rank's rows: means of the equal-sized parts, summed code counts."""
+        t = out.stats["terms"]
+        loss, nll, kl, mse = self.strategy.mean_tensor(torch.stack(
+            [t.loss.detach().float().cpu(), t.nll.float().cpu(), t.kl.float().cpu(), t.mse.float().cpu()])).tolist()
+        counts = torch.bincount(t.codes.reshape(-1).long().cpu(), minlength=self.cfg.vocab_size)
+        row = {"loss": loss, "nll_per_dim": nll, "kl_per_dim": kl, "elb_per_dim": -(nll + kl),
+               "recon_mse": mse, "tau": out.stats["tau"], "beta": out.stats["beta"],
+               "lr": out.stats["lr"], "images_per_s": images_per_s}
+        row.update({f"batch_{k}": v for k, v in usage_of(self.strategy.sum_tensor(counts)).items()})
         return row
 
 
@@ -142,16 +179,20 @@ def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, loader: Loader, seed: i
     cfg = dvae
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    strategy = data_parallel()  # DataParallel under horovodrun, else LocalStrategy
     seed_everything(seed)
-    batches, image_size = train_batches(art, cfg, loader, seed)
-    trainer = DVAETrainer(cfg, batches, image_size, seed)
+    batches, image_size = train_batches(art, cfg, loader, seed, strategy)
+    trainer = DVAETrainer(cfg, batches, image_size, seed, strategy)
     tracker.log_params({"dvae_params": sum(p.numel() for p in trainer.model.parameters())})
-    loop = Loop("train_dvae", trainer.model, trainer.opt, trainer.strategy,
+    store = LocalStore(art.dvae_state, _resume_config(cfg, image_size, seed))
+    loop = Loop("train_dvae", trainer.model, trainer.opt, strategy,
                 Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay),
-                LocalStore(art.dvae_state, _resume_config(cfg, image_size, seed)), tracker,
+                ChiefStore(store, strategy) if strategy.size > 1 else store, tracker,
                 trainer.step, trainer.log_row,
                 postfix=lambda r: {"mse": f"{r['recon_mse']:.4f}", "ppl": f"{r['batch_perplexity']:.0f}"})
     seconds, _ = loop.run()
+    if not strategy.is_chief:  # rank 0 alone evaluates, writes and logs
+        return {"steps": cfg.steps, "image_size": image_size, "precision": trainer.precision}
     model = trainer.model  # the EMA weights are what is saved and used
     model.load_state_dict(trainer.strategy.full_state_dict(model, ema=True))
     model = model.cpu().eval()
@@ -171,5 +212,7 @@ STAGE = StageSpec(
     inputs=lambda a: (a.clean,),
     outputs=lambda a: (Out(a.dvae), Out(config_json(a.dvae)), Out(a.dvae_recon),
                        Out(a.curves("train_dvae"), cache=False), Out(a.metrics("dvae"), metric=True)),
-    summary="the dVAE with gumbel-softmax, logit-Laplace, β and τ annealing, EMA (§2.1, App. A)",
+    summary="the dVAE with gumbel-softmax, logit-Laplace, β and τ annealing, EMA (§2.1, App. A); "
+            "data-parallel over Horovod ranks when distributed.num_proc > 1",
+    distributed=True, preflight=lambda p: divides(p.dvae.batch_size, p.distributed.num_proc, "dvae"),
 )
