@@ -190,12 +190,15 @@ def test_fuzz_checkpoint_metadata(tmp_path: Path) -> None:
     _report("checkpoints", outcomes, start)
 
 
-def test_fuzz_command_line(world: Path, tmp_path: Path) -> None:
+def test_fuzz_command_line(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     start, outcomes = time.monotonic(), []
     params = world / "params.yaml"
     for i, rng in _cases("cli"):
         case = tmp_path / f"a{i}"
         case.mkdir()
+        # an argv without --params reads ./params.yaml: the case's own folder (where there is
+        # none), never the repository's, whose default paths would be written to
+        monkeypatch.chdir(case)
         roll = rng.random()
         if roll < 0.2:  # a stage's own command line, on a folder source that does not exist
             local = write_params(case, {"data.source": "folder", "data.folder.path": str(case / "no")})
@@ -204,5 +207,6 @@ def test_fuzz_command_line(world: Path, tmp_path: Path) -> None:
         else:
             argv = F.generate_argv(rng, case, params) if roll < 0.75 else F.other_argv(rng, params)
             outcomes.append(_run("cli", i, " ".join(argv), lambda: cli.main(argv)))
+        monkeypatch.chdir(tmp_path)
         shutil.rmtree(case)
     _report("cli", outcomes, start)
