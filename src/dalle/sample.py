@@ -36,6 +36,17 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)  # [B, 1]
 
 
+def draw_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int,
+                     top_p: float) -> torch.Tensor:
+    """logits [B, V], uniforms u [B] in [0, 1) -> tokens [B, 1]: the first token whose cumulative
+    probability exceeds u (each row's draw depends on its own uniform only, not on the batch)."""
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)  # [B, V]
+    cdf = probs.cumsum(-1)  # [B, V]
+    tok = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True)  # [B, 1]
+    last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [B, 1]
+    return torch.minimum(tok, last)  # u * total rounded up to total: the last possible token
+
+
 def _decode_cached(model: DalleTransformer, text_ids: torch.Tensor, lengths: torch.Tensor,
                    prime: torch.Tensor, draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """One batch: text [b, T], prime [b, R] -> image tokens [b, N]. Everything a step needs but
@@ -84,12 +95,16 @@ def sample_image_tokens(model: DalleTransformer, text_ids: torch.Tensor, text_le
                         n_per_caption: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         batch_size: int = 16, generator: Optional[torch.Generator] = None,
                         prime_tokens: Optional[torch.Tensor] = None, cached: bool = True,
-                        progress: bool = False, precision: str = "fp32") -> torch.Tensor:
+                        progress: bool = False, precision: str = "fp32",
+                        uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Captions text_ids [B, T] (pad -1), lengths [B] -> image tokens LongTensor [B*n, grid²].
 
     Rows are caption-major (caption 0's n candidates first). prime_tokens [B, R] (paper §3.3:
     the first R rows of an image) are kept and the remaining positions sampled. `precision`
     (a resolved one: fp32, bf16, fp16) is the autocast of the transformer; logits stay fp32.
+    `uniforms` [B*n, grid²] (caption-major rows, in [0, 1)), when given, replace `generator`:
+    position p of row r is drawn by inverse CDF from uniforms[r, p], so a row's tokens do not
+    depend on which rows share its batch or on the batch size (beyond float rounding).
     """
     model.eval()
     device = model.head.weight.device
@@ -99,12 +114,27 @@ def sample_image_tokens(model: DalleTransformer, text_ids: torch.Tensor, text_le
              else torch.zeros(ids.shape[0], 0, dtype=torch.long, device=device))
     decode = _decode_cached if cached else _decode_uncached
 
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        return _draw(logits, temperature, top_k, top_p, generator)
-
     chunks = []
     for s in tqdm(range(0, ids.shape[0], batch_size), desc="sampling", unit="batch", disable=not progress):
         e = s + batch_size
+        draw = _drawer(temperature, top_k, top_p, generator,
+                       None if uniforms is None else uniforms[s:e].to(device), prime.shape[1])
         with autocast(precision, device):
             chunks.append(decode(model, ids[s:e], lengths[s:e], prime[s:e], draw))
     return torch.cat(chunks, 0)
+
+
+def _drawer(temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator],
+            uniforms: Optional[torch.Tensor], start: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The draw of one batch: logits [b, V] -> tokens [b, 1], for positions start, start+1, ...
+    in order (both decoders call it once per position)."""
+    if uniforms is None:
+        return lambda logits: _draw(logits, temperature, top_k, top_p, generator)
+    position = [start]
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        tok = draw_inverse_cdf(logits, uniforms[:, position[0]], temperature, top_k, top_p)
+        position[0] += 1
+        return tok
+
+    return draw

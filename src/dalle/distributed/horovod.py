@@ -126,7 +126,10 @@ def shutdown() -> None:
 
 
 def allgather_object(value: Any) -> list[Any]:
-    """Every rank's picklable `value`, in rank order (Horovod started if it was not)."""
+    """Every rank's picklable `value`, in rank order (Horovod started if it was not). Callable
+    under torch.inference_mode: Horovod resizes its own output tensors in place, which inference
+    tensors refuse."""
     if not hvd.is_initialized():
         hvd.init()
-    return list(hvd.allgather_object(value))
+    with torch.inference_mode(False):
+        return list(hvd.allgather_object(value))

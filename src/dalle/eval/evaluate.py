@@ -8,6 +8,10 @@
   images dedup found overlapping train ("no_overlap", the dashed lines).
 * Synthetic world: the oracle's per-attribute and all-correct accuracy of best-of-n, per combo
   kind ("seen" / "holdout"), as a function of n.
+
+Under Horovod the independent jobs (one FID/IS per rerank size or blur radius and reference set,
+one oracle scoring per rerank size) are split over the ranks (job j on rank j % world); rank 0
+gathers the rows in job order and alone writes the metrics and plots and logs to MLflow.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from tqdm import tqdm
 from dalle.catalog import Artefacts, png
 from dalle.config_sections import Evaluate, Loader, Rerank
 from dalle.data.reader import eval_captions
+from dalle.distributed.gather import all_gather, my_share
+from dalle.distributed.launch import rank_and_world
 from dalle.errors import DataError
 from dalle.eval import fid as F
 from dalle.eval.oracle import ATTRIBUTES, score
@@ -96,27 +102,50 @@ def _specs(art: Artefacts, caption_ids: np.ndarray) -> list[Optional[str]]:
     return [by_id.get(str(c)) if isinstance(by_id.get(str(c)), str) else None for c in caption_ids]
 
 
+Job = tuple[str, int, float, str]  # kind ("rerank", "blur", "oracle"), rerank size, radius, reference
+Rows = list[dict[str, Any]]
+
+
+def sweep_jobs(cfg: Evaluate, sizes: list[int], refs: list[str]) -> list[Job]:
+    """Every independent piece of the sweeps, in the order one process runs them."""
+    jobs = [("rerank", n, 0.0, ref) for n in sizes for ref in refs]
+    jobs += [("blur", sizes[-1], float(r), ref) for r in cfg.blur_radii for ref in refs]
+    return jobs + [("oracle", n, 0.0, "") for n in sizes]
+
+
 def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealImages], ext: F.Extractor,
-           cfg: Evaluate, specs: list[Optional[str]]) -> tuple[list, list, list]:
-    """(blur rows, rerank rows, oracle rows)."""
+           cfg: Evaluate, specs: list[Optional[str]]) -> Optional[tuple[Rows, Rows, Rows]]:
+    """(blur rows, rerank rows, oracle rows) on rank 0, None on the other ranks: each rank runs
+    its share of the jobs, decoding only the best-of-n sets those need."""
     scores, n_max = cand["scores"], cand["scores"].shape[1]
     sizes = sorted({n for n in cfg.rerank_sizes if n <= n_max} | {n_max})
-    images = {n: decode(dvae, cand["tokens"][np.arange(len(scores)), best_of(scores, n)])
-              for n in sizes}
-    jobs = [("rerank", n, 0.0, ref) for n in sizes for ref in refs]
-    jobs += [("blur", n_max, float(r), ref) for r in cfg.blur_radii for ref in refs]
-    blur_rows, rerank_rows = [], []
-    for kind, n, radius, ref in tqdm(jobs, desc="evaluate: FID/IS", unit="set"):
-        row = {"rerank_size": n, **F.fidelity(images[n], refs[ref], radius, ext, ref,
-                                              cfg.cache_dir, cfg.batch_size, resolve_device(cfg.device))}
-        (blur_rows if kind == "blur" else rerank_rows).append(row)
-    oracle = [r for n in sizes for r in oracle_rows(images[n], specs, cand["combos"], n)]
-    return blur_rows, rerank_rows, oracle
+    jobs = sweep_jobs(cfg, sizes, list(refs))
+    images: dict[int, np.ndarray] = {}  # rerank size -> best-of-n uint8 [C, H, W, 3]
+    rank, world = rank_and_world()
+    if rank == 0:
+        log.info("%d FID/IS and oracle jobs over %d rank(s)", len(jobs), world)
+    mine: dict[int, Rows] = {}
+    for j in tqdm(my_share(range(len(jobs))), desc="evaluate: FID/IS", unit="set", disable=rank != 0):
+        kind, n, radius, ref = jobs[j]
+        if n not in images:
+            images[n] = decode(dvae, cand["tokens"][np.arange(len(scores)), best_of(scores, n)])
+        if kind == "oracle":
+            mine[j] = oracle_rows(images[n], specs, cand["combos"], n)
+        else:
+            mine[j] = [{"rerank_size": n, **F.fidelity(images[n], refs[ref], radius, ext, ref, cfg.cache_dir,
+                                                      cfg.batch_size, resolve_device(cfg.device))}]
+    gathered = all_gather(mine)
+    if rank != 0:
+        return None
+    rows = {j: r for part in gathered for j, r in part.items()}
+    blur, rerank, oracle = ([r for j, job in enumerate(jobs) if job[0] == kind for r in rows[j]]
+                            for kind in ("blur", "rerank", "oracle"))
+    return blur, rerank, oracle
 
 
 def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, loader: Loader
              ) -> dict[str, Any]:
-    """The `evaluate` stage body: metrics, plot data, PNGs to the tracker."""
+    """The `evaluate` stage body: metrics, plot data, PNGs to the tracker (rank 0 writes)."""
     cfg = evaluate
     t0 = time.perf_counter()
     cand = load_candidates(art.candidates)
@@ -125,7 +154,10 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     refs = reference_sets(art, loader.max_bad_fraction, loader.in_memory_max_mb)
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
-    blur, rerank_rows, oracle = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
+    rows = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
+    if rows is None:  # a rank other than 0: its rows went to rank 0
+        return {"seconds": round(time.perf_counter() - t0, 1)}
+    blur, rerank_rows, oracle = rows
     metrics = summarise(blur, rerank_rows, oracle, ext, cand["scores"].shape[1])
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_outputs(art, tracker, blur, rerank_rows, oracle, metrics)
@@ -171,5 +203,7 @@ STAGE = StageSpec(
                          for f in (Path, png)),
                        Out(a.metrics("eval"), metric=True)),
     summary="FID/IS over blur radii and rerank sizes, with and without the val images that overlap "
-            "training; oracle accuracy on seen vs held-out combinations (§3.1)",
+            "training; oracle accuracy on seen vs held-out combinations (§3.1); its jobs split over "
+            "distributed.num_proc Horovod ranks when asked (the same outputs)",
+    distributed=True,
 )

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dalle.catalog import Artefacts
 from dalle.data.reader import BadSamples, ShardSet, SplitIndex, split_index
+from dalle.distributed.launch import rank_and_world
 from dalle.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def _scan(index: SplitIndex, max_bad_fraction: float, keep_pixels: bool
     data, bad = ShardSet(index), BadSamples(max_bad_fraction, "val split (reference images)")
     items, keys, digests, kept = [], [], [], []
     try:
-        for i in tqdm(range(len(data)), desc="evaluate: reference images", unit="img"):
+        for i in tqdm(range(len(data)), desc="evaluate: reference images", unit="img",
+                      disable=rank_and_world()[0] != 0):
             image, reason, key = data[i]
             bad.add(1, int(image is None), reason if image is None else None)
             if image is not None:
