@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle.catalog import Artefacts
-from dalle.config_sections import Generate, Rerank
+from dalle.config_sections import Generate, Params, Rerank
 from dalle.data.reader import eval_captions
 from dalle.data.tokenizer import BPETokenizer, load_tokenizer, tokenize
 from dalle.distributed.gather import all_gather, my_share
@@ -198,11 +198,16 @@ def generate(art: Artefacts, tracker: Any, generate: Generate, rerank: Rerank, s
     return {**metrics, "kept_images": len(index)}
 
 
+def preflight(params: Params) -> None:
+    """No caption to sample is one error line, before any launch on several ranks."""
+    select_captions(eval_captions(Artefacts(params.paths)), params.generate.n_captions)
+
+
 STAGE = StageSpec(
     name="generate", fn=generate, params=("generate", "rerank", "seed"),
     inputs=lambda a: (a.prior, a.dvae, a.clip, a.tokenizer, a.eval_captions),
     outputs=lambda a: (Out(a.samples), Out(a.metrics("generate"), metric=True)),
     summary="N candidates per evaluation caption, reranked, the top k kept (§2.6); split by "
             "caption chunk over distributed.num_proc Horovod ranks when asked (the same files)",
-    distributed=True,
+    distributed=True, preflight=preflight,
 )

@@ -37,13 +37,17 @@ def _sets(root: Path, out: str, **extra: object) -> list[str]:
     return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
 
 
-def _stage(name: str, root: Path, out: str, num_proc: int) -> str:
+def _run(name: str, root: Path, out: str, num_proc: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
                OMP_NUM_THREADS="1", HOROVOD_GLOO_TIMEOUT_SECONDS="60")
     env.pop("HOROVOD_RANK", None)
     cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(REPO / "params.yaml"),
            *_sets(root, out, **{"distributed.num_proc": num_proc})]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _stage(name: str, root: Path, out: str, num_proc: int) -> str:
+    proc = _run(name, root, out, num_proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -103,3 +107,13 @@ def test_two_ranks_write_what_one_process_writes(tmp_path: Path) -> None:
     for name, data in plots.items():  # plot rows (json) and the PNGs drawn from them
         assert data == (tmp_path / "two" / "plots" / name).read_bytes(), name
     shutil.rmtree(tmp_path / "raw")  # the shards are the bulk of the world
+
+
+def test_missing_input_is_one_error_line_before_any_launch(tmp_path: Path) -> None:
+    for stage, message in (("generate", "eval_captions.parquet does not exist"),
+                           ("evaluate", "candidates.npz is missing")):
+        proc = _run(stage, tmp_path, "none", 2)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith("error: ") and message in lines[0], lines
+        assert "[1]<" not in proc.stdout + proc.stderr

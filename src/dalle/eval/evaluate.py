@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from dalle.catalog import Artefacts, png
-from dalle.config_sections import Evaluate, Loader, Rerank
+from dalle.config_sections import Evaluate, Loader, Params, Rerank
 from dalle.data.reader import eval_captions
 from dalle.distributed.gather import all_gather, my_share
 from dalle.distributed.launch import rank_and_world
@@ -46,9 +46,14 @@ from dalle.train.common import resolve_device
 log = logging.getLogger(__name__)
 
 
-def load_candidates(path: Path) -> dict[str, np.ndarray]:
+def require_candidates(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"{path} is missing; run the generate stage first (dvc repro generate)")
+    return path
+
+
+def load_candidates(path: Path) -> dict[str, np.ndarray]:
+    require_candidates(path)
     with np.load(path, allow_pickle=False) as npz:
         out = {k: npz[k] for k in npz.files}
     if out["scores"].ndim != 2 or out["scores"].shape[0] == 0:
@@ -196,6 +201,11 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
+def preflight(params: Params) -> None:
+    """No candidates is one error line, before any launch on several ranks."""
+    require_candidates(Artefacts(params.paths).candidates)
+
+
 STAGE = StageSpec(
     name="evaluate", fn=evaluate, params=("evaluate", "rerank", "loader"),
     inputs=lambda a: (a.samples, a.dvae, a.clip, a.tokenizer, a.clean, a.overlap),
@@ -205,5 +215,5 @@ STAGE = StageSpec(
     summary="FID/IS over blur radii and rerank sizes, with and without the val images that overlap "
             "training; oracle accuracy on seen vs held-out combinations (§3.1); its jobs split over "
             "distributed.num_proc Horovod ranks when asked (the same outputs)",
-    distributed=True,
+    distributed=True, preflight=preflight,
 )
