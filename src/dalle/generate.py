@@ -171,6 +171,7 @@ def generate(art: Artefacts, tracker: Any, generate: Generate, rerank: Rerank, s
     ids, lengths = tokenize(models.tokenizer, captions["caption"].tolist(), models.prior.text_len)
     choice = precision_choice.for_sampling(cfg.precision, models.prior, ids[:1], lengths[:1],
                                            min(cfg.batch_size, cfg.candidates), sample_image_tokens)
+    choice = all_gather(choice)[0]  # every rank samples in rank 0's precision (auto times this machine)
 
     def sample(i: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return sample_image_tokens(models.prior, i, n, cfg.candidates, cfg.temperature, cfg.top_k,
