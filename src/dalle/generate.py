@@ -15,6 +15,7 @@ gathers them and writes exactly the files one process writes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from dalle.sample import sample_image_tokens
 from dalle.stage import Out, StageSpec
 from dalle.train import precision_choice
 
+log = logging.getLogger(__name__)
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # ids, lengths, uniforms -> [B*N, G]
 Chunk = tuple[np.ndarray, np.ndarray, list[np.ndarray]]  # tokens [b, N, G], scores [b, N], kept [k, H, W, 3] x b
 
@@ -118,7 +120,9 @@ def run_candidates(captions: pd.DataFrame, ids: torch.Tensor, lengths: torch.Ten
     per_chunk = max(1, cfg.batch_size // cfg.candidates)
     index = captions.groupby("combo", sort=False).cumcount().to_numpy()  # i-th caption of its kind
     starts = list(range(0, len(captions), per_chunk))
-    rank, _world = rank_and_world()
+    rank, world = rank_and_world()
+    if rank == 0:
+        log.info("%d captions in %d chunks over %d rank(s)", len(captions), len(starts), world)
     mine: dict[int, Chunk] = {}
     bar = tqdm(total=len(captions), desc="generate", unit="caption", disable=rank != 0)
     for c in my_share(range(len(starts))):
