@@ -89,3 +89,18 @@ def test_a_small_split_is_held_in_memory_with_the_same_items(world):
     assert held["all"]._data is None and held["no_overlap"].blurred(1.0)._data is None
     kept = np.array([i not in (3, 7) for i in range(12) if i != 10])
     assert np.array_equal(held["no_overlap"].pixels, images[kept])
+
+
+def test_an_empty_no_overlap_set_is_skipped_and_reported_not_fatal(world, caplog):
+    """Every val image overlapping train (a world drawn from few scenes) leaves `no_overlap`
+    empty: evaluate goes on with `all` and says why the other set is missing."""
+    from dalle.eval.evaluate import usable
+
+    art, _ = world
+    ov = pd.read_parquet(art.overlap)
+    ov["overlap"] = True
+    ov.to_parquet(art.overlap)
+    refs, skipped = usable(reference_sets(art, 0.1))
+    assert list(refs) == ["all"] and len(refs["all"]) == 11
+    assert skipped == {"no_overlap": "0 val images left (every other one overlaps train)"}
+    assert "reference set no_overlap skipped" in caplog.text

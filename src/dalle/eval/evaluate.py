@@ -156,7 +156,7 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     cand = load_candidates(art.candidates)
     if len(cand["captions"]) == 0:
         raise DataError(f"{art.candidates} has an empty caption list")
-    refs = reference_sets(art, loader.max_bad_fraction, loader.in_memory_max_mb)
+    refs, skipped = usable(reference_sets(art, loader.max_bad_fraction, loader.in_memory_max_mb))
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
     rows = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
@@ -164,9 +164,25 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
         return {"seconds": round(time.perf_counter() - t0, 1)}
     blur, rerank_rows, oracle = rows
     metrics = summarise(blur, rerank_rows, oracle, ext, cand["scores"].shape[1])
+    metrics.update({f"reference_{name}_skipped": why for name, why in skipped.items()})
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_outputs(art, tracker, blur, rerank_rows, oracle, metrics)
     return metrics
+
+
+def usable(refs: dict[str, RealImages]) -> tuple[dict[str, RealImages], dict[str, str]]:
+    """The reference sets FID can use (2 images or more), and why the others were left out: a
+    collection whose every val image overlaps train has an empty `no_overlap` set, which is a
+    finding to report, not a reason to lose the rest of the evaluation. `all` is never dropped
+    (fewer than 2 val images stays the one-line error of fid.check_pair)."""
+    kept, skipped = {}, {}
+    for name, ref in refs.items():
+        if name != "all" and len(ref) < 2:
+            skipped[name] = f"{len(ref)} val images left (every other one overlaps train)"
+            log.warning("reference set %s skipped: %s", name, skipped[name])
+        else:
+            kept[name] = ref
+    return kept, skipped
 
 
 def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: int) -> dict[str, Any]:
