@@ -80,3 +80,13 @@ def test_bad_filter_settings_are_one_line() -> None:
 def test_the_default_filters_remove_web_boilerplate(caption: str, reason: str | None) -> None:
     """params.yaml's own patterns (docs/decisions.md, "Data at scale"), not a test's."""
     assert build(section("prepare").filters, 64)(Row(caption, 300, 300)) == reason
+
+
+def test_the_offline_language_filter_keeps_english_only() -> None:
+    """prepare.filters.language: en with langid (no download; its model is in the package)."""
+    pytest.importorskip("langid", reason="the dev extra installs langid")
+    keep = build(section("prepare").filters.model_validate(
+        {**FILTERS, "caption_words": [1, 20], "language": "en"}), 256)
+    assert keep(Row("a small dog running on the beach", 640, 480)) is None
+    assert keep(Row("ein kleiner Hund läuft am Strand", 640, 480)) == "language"
+    assert keep(Row("un petit chien qui court sur la plage", 640, 480)) == "language"
