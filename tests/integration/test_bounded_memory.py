@@ -30,6 +30,10 @@ TINY = {
     "clip.retrieval_candidates": 4, "generate.n_captions": 2, "generate.candidates": 2,
     "generate.keep": 1, "generate.batch_size": 2, "evaluate.blur_radii": [0],
     "evaluate.rerank_sizes": [1],
+    # fp32 pinned: precision auto's first measurement allocates its own operands (~1.5 GB peak
+    # with a cold cache), the same for any collection, which would hide the data path's memory
+    "dvae.precision": "fp32", "clip.precision": "fp32", "prior.precision": "fp32",
+    "generate.precision": "fp32",
 }
 
 
