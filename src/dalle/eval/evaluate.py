@@ -7,7 +7,9 @@
 * Everything against all val images ("all", the paper's solid lines) and against val minus the
   images dedup found overlapping train ("no_overlap", the dashed lines).
 * Synthetic world: the oracle's per-attribute and all-correct accuracy of best-of-n, per combo
-  kind ("seen" / "holdout"), as a function of n.
+  kind ("seen" / "holdout"), as a function of n. Real drawings (`data.source: openmoji`): the
+  model-free skin-tone check (`dalle.eval.skin_tone`) of best-of-n, per combo kind, in the same
+  rows (its `all_correct` is `skin_tone`); which check applies is read from each caption's spec.
 
 Under Horovod the independent jobs (one FID/IS per rerank size or blur radius and reference set,
 one oracle scoring per rerank size) are split over the ranks (job j on rank j % world); rank 0
@@ -33,6 +35,7 @@ from dalle.distributed.gather import all_gather, my_share
 from dalle.distributed.launch import rank_and_world
 from dalle.errors import DataError
 from dalle.eval import fid as F
+from dalle.eval import skin_tone
 from dalle.eval.oracle import ATTRIBUTES, score
 from dalle.eval.plots import line_png, write_plot_json
 from dalle.eval.reference import RealImages, reference_sets
@@ -86,16 +89,30 @@ def extractor(cfg: Evaluate, rerank_cfg: Rerank, art: Artefacts,
     return F.clip_extractor(reranker.encode_image, classes, reranker.name, digest)
 
 
+def check(spec: Optional[str], image: np.ndarray) -> Optional[dict[str, Any]]:
+    """The model-free reading of one image against its caption's spec: the synthetic world's
+    oracle, or the skin-tone check (spec "check": "skin_tone"); None without a spec."""
+    if not spec:
+        return None
+    parsed = json.loads(spec)
+    if parsed.get("check") == "skin_tone":
+        found = skin_tone.score(parsed, image)
+        return {**found, "all_correct": found["skin_tone"]}
+    return score(parsed, image)
+
+
 def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarray, n: int
                 ) -> list[dict[str, Any]]:
-    """Per combo kind: mean oracle correctness of each attribute for best-of-n images."""
+    """Per combo kind: mean correctness of each attribute the check reads, for best-of-n images."""
     rows = []
-    results = [score(json.loads(s), img) if s else None for s, img in zip(specs, images)]
+    results = [check(s, img) for s, img in zip(specs, images)]
     for combo in sorted(set(combos.tolist())):
         got = [r for r, c in zip(results, combos) if c == combo and r is not None]
         if got:
+            keys = ("skin_tone", "skin_found", "all_correct") if "skin_tone" in got[0] else (
+                *ATTRIBUTES, "all_correct")
             rows.append({"rerank_size": n, "combo": combo, "n": len(got),
-                         **{a: round(float(np.mean([r[a] for r in got])), 4) for a in (*ATTRIBUTES, "all_correct")}})
+                         **{a: round(float(np.mean([r[a] for r in got])), 4) for a in keys}})
     return rows
 
 
@@ -195,7 +212,8 @@ def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: i
         out[f"fid_{r['reference']}_blur{r['radius']:g}"] = round(r["fid"], 4)
     for r in oracle:
         if r["rerank_size"] in (1, n_max):
-            out[f"oracle_all_correct_{r['combo']}_n{r['rerank_size']}"] = r["all_correct"]
+            name = "skin_tone" if "skin_tone" in r else "oracle_all_correct"
+            out[f"{name}_{r['combo']}_n{r['rerank_size']}"] = r["all_correct"]
     return out
 
 
@@ -205,13 +223,14 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
     write_plot_json(art.fid_rerank, rerank)
     write_plot_json(art.oracle_rerank, oracle)
     write_json(art.metrics("eval"), metrics)
+    ys = ["all_correct", "skin_found"] if any("skin_tone" in r for r in oracle) else [
+        "all_correct", "colour", "shape", "position"]
     pngs = [line_png(png(art.fid_blur), blur, "radius", ["fid", "is"], "reference",
                      f"FID/IS vs blur radius (fig. 9a; {metrics['extractor']})"),
             line_png(png(art.fid_rerank), rerank, "rerank_size", ["fid", "is"], "reference",
                      f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True),
-            line_png(png(art.oracle_rerank), oracle, "rerank_size",  # empty off the synthetic world
-                     ["all_correct", "colour", "shape", "position"], "combo",
-                     "oracle accuracy vs rerank size", logx=True)]
+            line_png(png(art.oracle_rerank), oracle, "rerank_size", ys, "combo",  # empty: no specs
+                     "model-free check (oracle / skin tone) vs rerank size", logx=True)]
     for picture in pngs:
         tracker.log_artifact(picture, "plots")
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

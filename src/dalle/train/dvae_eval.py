@@ -44,6 +44,19 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *oracle.ATTRIBUTES)}
 
 
+def colour_errors(images: np.ndarray, recs: np.ndarray, white: int = 232) -> np.ndarray:
+    """Per image: the RGB distance (0-255) between the mean colour of the original's drawn pixels
+    (any channel under `white`) and the mean colour of the reconstruction at those pixels ->
+    float [N] (NaN for an all-white image). Catches colours lost where the MSE is small (a flag
+    that comes back brown)."""
+    mask = (images < white).any(axis=3)  # [N, H, W]
+    count = mask.sum(axis=(1, 2))[:, None]  # [N, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        orig = (images * mask[..., None]).sum(axis=(1, 2)) / count  # [N, 3]
+        rec = (recs.astype(np.float64) * mask[..., None]).sum(axis=(1, 2)) / count  # [N, 3]
+    return np.linalg.norm(orig - rec, axis=1)
+
+
 def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
     """PNG: the first n originals (top row) above their reconstructions (bottom row)."""
     n = min(n, len(originals))
@@ -61,6 +74,7 @@ class _Tally:
         self.synthetic: Optional[bool] = None  # decided on the first batch's captions
         self.recon_rows: list[dict[str, Any]] = []
         self.original_rows: list[dict[str, Any]] = []
+        self.colour: list[np.ndarray] = []  # per-image colour errors (colour_errors)
         self.originals: list[np.ndarray] = []
         self.recons: list[np.ndarray] = []
 
@@ -69,6 +83,7 @@ class _Tally:
         self.sse += float((diff ** 2).sum())
         self.values += diff.size
         self.counts += torch.bincount(codes.reshape(-1), minlength=len(self.counts)).double()
+        self.colour.append(colour_errors(images, recs))
         if self.synthetic is None:
             self.synthetic = synthetic_captions(list(captions))
         room = ORACLE_LIMIT - len(self.recon_rows) if self.synthetic else 0
@@ -99,6 +114,11 @@ def evaluate_dvae(model: DiscreteVAE, batches: Iterable[tuple[np.ndarray, list[s
                                "val_perplexity_frac": usage["perplexity"] / model.vocab_size,
                                "val_codes_used": usage["codes_used"],
                                "n_val": int(tally.values // originals[0].size)}
+    colour = np.concatenate(tally.colour)
+    colour = colour[np.isfinite(colour)]
+    if len(colour):
+        metrics.update(val_colour_error=round(float(colour.mean()), 3),
+                       val_colour_error_p90=round(float(np.percentile(colour, 90)), 3))
     if tally.recon_rows:  # per attribute too: which one the reconstructions lose
         scores = _means(tally.recon_rows)
         metrics["oracle_all_correct_recon"] = scores.pop("all_correct")
