@@ -112,6 +112,8 @@ def _format_error(err: dict[str, Any]) -> str:
     value = err.get("input")
     if kind == "missing":
         return f"{key}: missing required key"
+    if not err["loc"] and kind == "value_error":  # a rule across sections (Params' validators)
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), n=1)
         hint = f"did you mean {close[0]!r}?" if close else "check the spelling against params.yaml"
