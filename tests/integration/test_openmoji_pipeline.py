@@ -69,5 +69,6 @@ def test_openmoji_dag_end_to_end(tmp_path) -> None:
     assert not any(k.startswith("oracle_all_correct") for k in evals)
     dvae = json.loads(art.metrics("dvae").read_text())
     assert dvae["val_colour_error"] >= 0 and "oracle_all_correct_recon" not in dvae
+    assert (art.samples / "sheet.png").is_file()  # the labelled grid of seen / held-out samples
     rows = json.loads(art.oracle_rerank.read_text())
     assert {r["combo"] for r in rows} == {"seen", "holdout"} and all("skin_tone" in r for r in rows)
