@@ -77,6 +77,8 @@ def test_captions_are_readable_lower_case_names() -> None:
     assert openmoji.name_of([0xE000], emoji, True) is None  # OpenMoji's own extra: no name
     man = openmoji.code_points("1F468-1F3FB-200D-1F373")
     assert openmoji.name_of(man, emoji, True) == "man cook, light skin tone"
+    hair = openmoji.code_points("1F9D1-1F3FD-200D-1F9B3")
+    assert openmoji.name_of(hair, emoji, True) == "person, medium skin tone, white hair"
     assert openmoji.figure_and_tone(openmoji.code_points("1F9D1-1F3FB-200D-1F91D-200D-1F9D1-1F3FF"))[1] \
         == "mixed"
 
@@ -170,3 +172,26 @@ def test_the_preset_validates() -> None:
     params = load_params(REPO / "params.yaml", "openmoji")
     assert params.data.source == "openmoji" and params.data.image_size % 8 == 0
     assert params.dedup.remove_near is False  # tone variants must not merge
+
+
+def _families(n: int) -> pd.DataFrame:
+    rows = [{"file": f"{f}-{t}.svg", "caption": f"fig {f}, {t} skin tone", "figure": f"F{f}",
+             "tone": t, "drawing": f"d{f}{t}"} for f in range(n) for t in openmoji.TONES]
+    return pd.DataFrame(rows)
+
+
+def test_a_figure_whose_drawing_has_a_twin_is_never_held_out() -> None:
+    table = _families(6)
+    twin = table.iloc[[0]].assign(file="twin.svg", figure="TWIN", tone="")  # F0's pixels again
+    table = pd.concat([table, twin], ignore_index=True)
+    for seed in range(20):
+        assert "F0" not in {f for f, _ in openmoji.choose_holdout(table, 2, seed)}
+
+
+def test_the_guard_refuses_held_out_pixels_in_train() -> None:
+    table = pd.DataFrame({"file": ["a.svg", "b.svg"], "split": ["val", ""]})
+    manifest = pd.DataFrame({"url": ["a.svg", "b.svg"], "status": "ok", "split": ["val", "train"],
+                             "sha256": ["same", "same"]})
+    with pytest.raises(DataError, match="a.svg .or its pixels. reached train"):
+        openmoji.check_disjoint(manifest, table)
+    openmoji.check_disjoint(manifest.assign(sha256=["x", "y"]), table)

