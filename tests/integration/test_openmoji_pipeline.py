@@ -67,6 +67,7 @@ def test_openmoji_dag_end_to_end(tmp_path) -> None:
         for n in (1, 4):
             assert 0.0 <= evals[f"skin_tone_{combo}_n{n}"] <= 1.0
     assert not any(k.startswith("oracle_all_correct") for k in evals)
+    assert {"fid_all_seen_n1", "fid_all_holdout_n4"} <= set(evals)  # FID per caption kind
     dvae = json.loads(art.metrics("dvae").read_text())
     assert dvae["val_colour_error"] >= 0 and "oracle_all_correct_recon" not in dvae
     assert (art.samples / "sheet.png").is_file()  # the labelled grid of seen / held-out samples

@@ -5,7 +5,9 @@
 * Fig. 9(c): FID/IS of best-of-n (chosen among the first n candidates) for n = 1, 2, 4, ..., N,
   rebuilt from the generate stage's candidates without resampling.
 * Everything against all val images ("all", the paper's solid lines) and against val minus the
-  images dedup found overlapping train ("no_overlap", the dashed lines).
+  images dedup found overlapping train ("no_overlap", the dashed lines); and the best-of-n samples
+  of the seen and of the held-out captions each against all val images ("all_seen",
+  "all_holdout", in the rerank rows).
 * Synthetic world: the oracle's per-attribute and all-correct accuracy of best-of-n, per combo
   kind ("seen" / "holdout"), as a function of n. Real drawings (`data.source: openmoji`): the
   model-free skin-tone check (`dalle.eval.skin_tone`) of best-of-n, per combo kind, in the same
@@ -128,11 +130,20 @@ Job = tuple[str, int, float, str]  # kind ("rerank", "blur", "oracle"), rerank s
 Rows = list[dict[str, Any]]
 
 
-def sweep_jobs(cfg: Evaluate, sizes: list[int], refs: list[str]) -> list[Job]:
-    """Every independent piece of the sweeps, in the order one process runs them."""
+def sweep_jobs(cfg: Evaluate, sizes: list[int], refs: list[str], combos: tuple[str, ...] = ()
+               ) -> list[Job]:
+    """Every independent piece of the sweeps, in the order one process runs them; `combos`: the
+    caption kinds whose best-of-n samples also get their own FID/IS against all val images."""
     jobs = [("rerank", n, 0.0, ref) for n in sizes for ref in refs]
+    jobs += [("combo", n, 0.0, combo) for n in sizes for combo in combos]
     jobs += [("blur", sizes[-1], float(r), ref) for r in cfg.blur_radii for ref in refs]
     return jobs + [("oracle", n, 0.0, "") for n in sizes]
+
+
+def combo_kinds(combos: np.ndarray) -> tuple[str, ...]:
+    """The seen / held-out caption kinds with at least 2 captions (FID needs 2 images)."""
+    kinds, counts = np.unique(combos.astype(str), return_counts=True)
+    return tuple(k for k, c in zip(kinds.tolist(), counts) if k in ("seen", "holdout") and c >= 2)
 
 
 def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealImages], ext: F.Extractor,
@@ -141,7 +152,7 @@ def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealI
     its share of the jobs, decoding only the best-of-n sets those need."""
     scores, n_max = cand["scores"], cand["scores"].shape[1]
     sizes = sorted({n for n in cfg.rerank_sizes if n <= n_max} | {n_max})
-    jobs = sweep_jobs(cfg, sizes, list(refs))
+    jobs = sweep_jobs(cfg, sizes, list(refs), combo_kinds(cand["combos"]))
     images: dict[int, np.ndarray] = {}  # rerank size -> best-of-n uint8 [C, H, W, 3]
     rank, world = rank_and_world()
     if rank == 0:
@@ -153,6 +164,11 @@ def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealI
             images[n] = decode(dvae, cand["tokens"][np.arange(len(scores)), best_of(scores, n)])
         if kind == "oracle":
             mine[j] = oracle_rows(images[n], specs, cand["combos"], n)
+        elif kind == "combo":  # ref is the caption kind; its samples against all val images
+            part = images[n][cand["combos"].astype(str) == ref]
+            mine[j] = [{"rerank_size": n, **F.fidelity(part, refs["all"], 0.0, ext, "all", cfg.cache_dir,
+                                                       cfg.batch_size, resolve_device(cfg.device)),
+                        "reference": f"all_{ref}"}]
         else:
             mine[j] = [{"rerank_size": n, **F.fidelity(images[n], refs[ref], radius, ext, ref, cfg.cache_dir,
                                                       cfg.batch_size, resolve_device(cfg.device))}]
@@ -160,8 +176,8 @@ def sweeps(cand: dict[str, np.ndarray], dvae: DiscreteVAE, refs: dict[str, RealI
     if rank != 0:
         return None
     rows = {j: r for part in gathered for j, r in part.items()}
-    blur, rerank, oracle = ([r for j, job in enumerate(jobs) if job[0] == kind for r in rows[j]]
-                            for kind in ("blur", "rerank", "oracle"))
+    blur, rerank, oracle = ([r for j, job in enumerate(jobs) if job[0] in kinds for r in rows[j]]
+                            for kinds in (("blur",), ("rerank", "combo"), ("oracle",)))
     return blur, rerank, oracle
 
 
