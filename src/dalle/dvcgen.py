@@ -110,16 +110,19 @@ def plots(art: Artefacts) -> list[Any]:
          ["loss", "recon_mse"], "linear"),
         ("prior training (paper §2.2 loss = text/8 + 7 image/8)", art.prior_loss, "step",
          ["loss", "loss_text", "loss_image"], "linear"),
+        ("prior val loss (every sample_every steps) vs train loss", art.curves("train_prior"), "step",
+         ["loss_text", "loss_image", "val_loss_text", "val_loss_image"], "linear"),
         ("contrastive reranker training", art.curves("train_clip"), "step", ["loss"], "linear"),
         # fig. 9(a)/(c): rows carry `reference` (all val / val minus the train overlap): points
         ("FID vs blur radius (fig. 9a)", art.fid_blur, "radius", ["fid", "is"], "scatter"),
         ("FID vs rerank size (fig. 9c)", art.fid_rerank, "rerank_size", ["fid", "is"], "scatter"),
-        ("oracle caption accuracy vs rerank size", art.oracle_rerank, "rerank_size",
+        ("model-free check (oracle / skin tone) vs rerank size", art.oracle_rerank, "rerank_size",
          ["all_correct"], "scatter"),
     ]
     out: list[Any] = [{title: {"template": tmpl, "x": x, "y": {str(path): ys}}}
                       for title, path, x, ys, tmpl in curve]
     out += [str(png(p)) for p in (art.fid_blur, art.fid_rerank, art.oracle_rerank)]
+    out += [str(art.dvae_recon), str(art.samples / "sheet.png")]  # val recons; labelled samples
     return out
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("resvg_py")
 from dalle import pipeline  # noqa: E402
 from dalle.catalog import Artefacts  # noqa: E402
 from dalle.config import load_params  # noqa: E402
-from dalle.tracking import NullTracker  # noqa: E402
+from dalle.stage import tracked  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
 TINY = {
@@ -29,7 +29,7 @@ TINY = {
     "encode.threads": 1,
     "prior.steps": 4, "prior.batch_size": 8, "prior.n_layers": 2, "prior.d_model": 32,
     "prior.n_heads": 2, "prior.log_every": 2, "prior.checkpoint_every": 2,
-    "prior.sample_every": 1000, "prior.warmup_steps": 1,
+    "prior.sample_every": 2, "prior.warmup_steps": 1,
     "clip.steps": 4, "clip.batch_size": 8, "clip.embed_dim": 16, "clip.text_width": 16,
     "clip.image_width": 8, "clip.text_layers": 1, "clip.text_heads": 2, "clip.log_every": 2,
     "clip.retrieval_candidates": 4, "prepare.workers": 1, "loader.workers": 0,
@@ -48,7 +48,10 @@ def _params(root: Path):
 def test_openmoji_dag_end_to_end(tmp_path) -> None:
     params = _params(tmp_path)
     art = Artefacts(params.paths)
-    results = {spec.name: spec.run(params, NullTracker()) for spec in pipeline.STAGES}
+    results = {}
+    for spec in pipeline.STAGES:  # as `python -m stages.<name>` runs it, in-process
+        with tracked(spec.name, params) as tracker:
+            results[spec.name] = spec.run(params, tracker)
     assert list(results) == [s.name for s in pipeline.STAGES]
 
     collect = results["collect"]
@@ -70,6 +73,8 @@ def test_openmoji_dag_end_to_end(tmp_path) -> None:
     assert {"fid_all_seen_n1", "fid_all_holdout_n4"} <= set(evals)  # FID per caption kind
     dvae = json.loads(art.metrics("dvae").read_text())
     assert dvae["val_colour_error"] >= 0 and "oracle_all_correct_recon" not in dvae
-    assert (art.samples / "sheet.png").is_file()  # the labelled grid of seen / held-out samples
+    curve = json.loads(art.curves("train_prior").read_text())
+    assert any("val_loss_image" in r for r in curve) and any("loss_image" in r for r in curve)
+    assert (art.samples / "sheet.png").is_file() and art.dvae_recon.is_file()  # the labelled grid of seen / held-out samples
     rows = json.loads(art.oracle_rerank.read_text())
     assert {r["combo"] for r in rows} == {"seen", "holdout"} and all("skin_tone" in r for r in rows)

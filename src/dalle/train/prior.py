@@ -183,9 +183,13 @@ def train_prior(art: Artefacts, tracker: Any, prior: Prior, tokenizer: Tokenizer
                         "prior_precision_reason": choice.reason})
 
     def samples(step: int) -> None:
+        """Sample grid + val loss (text, image; 256 rows) against the train curve, every
+        sample_every steps."""
         plain = trainer.plain_model(ema=False)  # collective when sharded
         if strategy.is_chief:
-            log_samples(plain, val, art, tracker, step)
+            held = evaluate(plain, val, cfg, max_rows=256, precision=trainer.precision)
+            tracker.log_metrics({k: v for k, v in held.items() if k != "val_loss"}, step=step)
+            log_samples(plain, val, art, tracker, step)  # leaves the model in train mode
 
     loop = Loop("train_prior", model, trainer.opt, strategy,
                 Cadence(cfg.steps, cfg.log_every, cfg.checkpoint_every, cfg.ema_decay), store, tracker,
