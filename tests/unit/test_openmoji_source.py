@@ -106,6 +106,7 @@ def test_collect_holds_out_combos_from_every_train_shard(svg_dir, tmp_path) -> N
     assert spec["palette"]["medium-dark"] == [165, 121, 57]  # OpenMoji's own fill, measured
     assert metrics["unnamed_dropped"] == 1 and metrics["failed_no_caption"] == 1  # E000
     assert "CC BY-SA 4.0" in metrics["licence"] and "OpenMoji" in metrics["attribution"]
+    assert metrics["skin_check_on_train_drawings"] >= 0.8  # the check reads the drawings right
 
 
 def test_the_held_out_set_is_fixed_by_the_seed(svg_dir) -> None:

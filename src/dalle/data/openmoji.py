@@ -44,7 +44,7 @@ from dalle.data.images import decode_rgb
 from dalle.data.source_common import check_resume, fingerprint, val_caption_frame
 from dalle.data.vector import render_svg
 from dalle.errors import ConfigError, DataError
-from dalle.eval.skin_tone import TONES, measure_palette
+from dalle.eval.skin_tone import TONES, measure_palette, tone_of
 from dalle.io import atomic_path, write_json
 
 SOURCE = "openmoji"
@@ -226,7 +226,9 @@ def collect_openmoji(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) ->
     rows = table_rows(art.raw / TABLE, svg_dir)
     metrics = collect_rows(rows, data_cfg, OPTS, art, tracker, seed, SOURCE, cfg.workers)
     manifest = pd.read_parquet(art.raw_manifest)
-    palette = measure_palette(tone_images(manifest, table, svg_dir, data_cfg.image_size))
+    drawings = tone_images(manifest, table, svg_dir, data_cfg.image_size)
+    palette = measure_palette(drawings)
+    ceiling = [tone_of(img, palette) == tone for tone, imgs in drawings.items() for img in imgs]
     evals = pd.concat([eval_frame(manifest, table, palette, data_cfg.eval_captions, seed),
                        val_caption_frame(manifest, data_cfg.eval_captions, seed)], ignore_index=True)
     with atomic_path(art.raw_eval_captions) as tmp:
@@ -234,6 +236,7 @@ def collect_openmoji(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) ->
     write_json(art.raw / "skin_tones.json", palette)
     metrics.update(unnamed_dropped=int((table["caption"] == "").sum()),
                    holdout_combos=len(held), licence=LICENCE, attribution=ATTRIBUTION,
+                   skin_check_on_train_drawings=round(float(np.mean(ceiling)), 4),  # its ceiling
                    **{f"eval_captions_{c}": int((evals["combo"] == c).sum())
                       for c in ("seen", "holdout", "val")},
                    **{f"skin_{t}": "#%02x%02x%02x" % tuple(palette[t]) for t in TONES})
