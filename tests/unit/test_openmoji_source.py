@@ -110,7 +110,7 @@ def test_collect_holds_out_combos_from_every_train_shard(svg_dir, tmp_path) -> N
 
 
 def test_the_held_out_set_is_fixed_by_the_seed(svg_dir) -> None:
-    table = openmoji.name_table(svg_dir, emoji, _data().openmoji, 0)
+    table = openmoji.name_table(svg_dir, emoji, _data().openmoji, 0, 32)
     first = openmoji.choose_holdout(table, 1, seed=0)
     assert first == openmoji.choose_holdout(table, 1, seed=0)
     assert len({f for f, _ in openmoji.choose_holdout(table, 2, seed=0)}) == 2

