@@ -165,8 +165,8 @@ def test_the_folder_source_reads_svgs_and_a_caption_table(svg_dir, tmp_path) -> 
 
 
 def test_image_size_must_divide_by_the_dvae_downsampling() -> None:
-    with pytest.raises(ConfigError, match="not a multiple of the dVAE's downsampling 8"):
-        load_params(REPO / "params.yaml", "openmoji", ["data.image_size=60"])
+    with pytest.raises(ConfigError, match="not a multiple of the dVAE.s downsampling 4"):
+        load_params(REPO / "params.yaml", "openmoji", ["data.image_size=30"])
 
 
 def test_the_preset_validates() -> None:
