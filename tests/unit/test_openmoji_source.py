@@ -4,7 +4,6 @@ licence; and its bad input: the package missing, an SVG that does not render, a 
 table, an image size the dVAE cannot divide."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
