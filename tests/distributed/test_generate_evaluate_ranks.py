@@ -87,11 +87,12 @@ def test_two_ranks_write_what_one_process_writes(tmp_path: Path) -> None:
     for stage in ("collect", "dedup", "prepare", "tokenizer", "train_clip"):
         stage_main(stage)(args)
     _random_dvae_and_prior(tmp_path)
-    # seen and holdout, 3 captions each: 3 chunks of 2 (batch 8 // 4 candidates), 2 on rank 0
+    # seen and holdout, 3 captions each: 3 chunks of 2 (batch 8 // 4 candidates), 2 on rank 0;
+    # evaluate: 3 rerank sizes x 2 reference sets + 3 x 2 caption kinds + 2 radii x 2 + 3 oracle
     assert "6 captions in 3 chunks over 1 rank(s)" in _stage("generate", tmp_path, "one", 1)
     assert "6 captions in 3 chunks over 2 rank(s)" in _stage("generate", tmp_path, "two", 2)
-    assert "13 FID/IS and oracle jobs over 1 rank(s)" in _stage("evaluate", tmp_path, "one", 1)
-    assert "13 FID/IS and oracle jobs over 2 rank(s)" in _stage("evaluate", tmp_path, "two", 2)
+    assert "19 FID/IS and oracle jobs over 1 rank(s)" in _stage("evaluate", tmp_path, "one", 1)
+    assert "19 FID/IS and oracle jobs over 2 rank(s)" in _stage("evaluate", tmp_path, "two", 2)
     one, two = _files(tmp_path / "one" / "samples"), _files(tmp_path / "two" / "samples")
     captions = json.loads((tmp_path / "one" / "metrics" / "generate.json").read_text())["captions"]
     assert captions == 6 and "candidates.npz" in one
