@@ -18,8 +18,8 @@ N = 200
 
 @pytest.fixture(scope="module")
 def scenes():
-    cfg = load_params(REPO / "params.yaml", overrides=["data.synthetic.max_objects=3"]).data.synthetic
-    return [scene(cfg, 64, i, 0) for i in range(N)]
+    data = load_params(REPO / "params.yaml", overrides=["data.synthetic.max_objects=3"]).data
+    return [scene(data.synthetic, data.image_size, i, 0) for i in range(N)]
 
 
 def _jpeg(img: Image.Image, quality: int = 50) -> Image.Image:
@@ -29,7 +29,7 @@ def _jpeg(img: Image.Image, quality: int = 50) -> Image.Image:
 
 
 def _noise(img: Image.Image, seed: int) -> np.ndarray:
-    arr = np.asarray(img).astype(float) + np.random.default_rng(seed).normal(0, 12, (64, 64, 3))
+    arr = np.asarray(img).astype(float) + np.random.default_rng(seed).normal(0, 12, np.asarray(img).shape)
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
@@ -59,7 +59,8 @@ def test_parse_positions_and_float_input(scenes):
     objs = parse(np.asarray(img).astype(np.float32) / 255.0)
     assert len(objs) == 2
     for obj, want in zip(objs, sorted(placed, key=lambda p: p["x"])):
-        assert abs(obj.x * 64 - want["x"]) < 1.5 and abs(obj.y * 64 - want["y"]) < 1.5
+        side = img.size[0]
+        assert abs(obj.x * side - want["x"]) < 1.5 and abs(obj.y * side - want["y"]) < 1.5
 
 
 @pytest.mark.parametrize("attr,swap", [("colour", {"red": "blue", "blue": "red", "green": "yellow",
