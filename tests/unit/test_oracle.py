@@ -98,3 +98,24 @@ def test_unreadable_inputs_are_one_line():
         score("a photograph of nothing", np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(DataError, match=r"\[H, W, 3\]"):
         parse(np.zeros((64, 64), np.uint8))
+
+
+def test_size_split_sits_in_the_measured_gap(scenes):
+    """SIZE_SPLIT is a measurement: the radius it reads on the originals (area over the shape's
+    area per r^2) must leave a clear gap between small and large, with the split inside it."""
+    import math
+
+    from dalle.eval import oracle
+
+    radii: dict[str, list[float]] = {"small": [], "large": []}
+    for spec, _text, _placed, img in scenes:
+        objs = parse(img)
+        if len(objs) != len(spec["objects"]):
+            continue
+        for obj, want in zip(oracle._match(objs, spec), spec["objects"]):
+            radii[want["size"]].append(math.sqrt(obj.area / oracle.AREA_PER_R2[obj.shape]))
+    small, large = max(radii["small"]), min(radii["large"])
+    gap = large - small
+    print(f"read radius / side: small <= {small:.4f}, large >= {large:.4f}, split {oracle.SIZE_SPLIT}")
+    assert gap > 0.02
+    assert small + 0.3 * gap < oracle.SIZE_SPLIT < large - 0.3 * gap

@@ -44,17 +44,17 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([bool(r[k]) for r in rows])) for k in ("all_correct", *oracle.ATTRIBUTES)}
 
 
-def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
+def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 10) -> Path:
     """PNG: the first n originals (top row) above their reconstructions (bottom row)."""
     n = min(n, len(originals))
-    return save_png(grid(np.concatenate([originals[:n], recons[:n]]), cols=n), path)
+    return save_png(grid(np.concatenate([originals[:n], recons[:n]]), cols=n, gap=2), path)
 
 
 class _Tally:
     """Sums over the val batches: squared error, code counts, the oracle's readings of the
     first ORACLE_LIMIT reconstructions and originals (synthetic world), the grid's 8 images."""
 
-    GRID = 8
+    GRID = 10
 
     def __init__(self, vocab: int) -> None:
         self.sse, self.values, self.counts = 0.0, 0, torch.zeros(vocab, dtype=torch.float64)
