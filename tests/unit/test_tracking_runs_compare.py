@@ -78,7 +78,7 @@ def test_compare_stage_runs_and_chosen_columns(tmp_mlflow, tmp_path, monkeypatch
                  "train_prior/val_loss_image,evaluate/oracle_seen_n32"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert lines[0].split()[3:] == ["prior/val_loss_image", "eval/oracle_seen_n32", "prior.steps"]
+    assert lines[0].split()[3:] == ["val", "image", "eval/oracle_seen_n32", "prior.steps"]
     assert lines[2].split()[4:6] == ["0.1125", "-"]  # 0.9 / 8; a metric no run has: -
     assert captured.err.strip() == ("note: no run shown has metric 'evaluate/oracle_seen_n32'; "
                                     "did you mean evaluate/oracle_all_correct_seen_n32?")
@@ -111,9 +111,12 @@ def test_table_fits_120_columns_with_many_runs_and_long_params() -> None:
 def test_abbreviations_and_wall_time() -> None:
     assert abbreviate("evaluate/oracle_all_correct_holdout_n32", 14) == "held@32"
     assert abbreviate("data.synthetic.n_images", 14) == "d.s.n_images"
-    assert abbreviate("train_prior/val_loss_image", 20) == "prior/val_loss_image"
-    assert abbreviate("train_prior/val_loss_image", 14) == "val_loss_image"
-    assert abbreviate("train_prior/val_loss_image", 10) == "val_…image"
+    assert abbreviate("evaluate/oracle_all_correct_seen_n4", 14) == "seen@4"  # any N
+    assert abbreviate("train_prior/val_loss_image", 14) == "val image"
+    assert abbreviate("train_dvae/final_val_recon_mse", 30) == "train_dvae/final_val_recon_mse"
+    assert abbreviate("train_dvae/final_val_recon_mse", 24) == "dvae/final_val_recon_mse"
+    assert abbreviate("train_dvae/final_val_recon_mse", 20) == "final_val_recon_mse"
+    assert abbreviate("train_dvae/final_val_recon_mse", 10) == "fina…n_mse"
     assert len(abbreviate("x" * 50, 14)) == 14 and abbreviate("seed", 14) == "seed"
     run = _record(0, {}, {"a/stage_seconds": 60.0, "b/stage_seconds": 4.4})
     assert wall_seconds(run) == 564.0 and fmt_seconds(564.0) == "9m24s"
@@ -121,6 +124,21 @@ def test_abbreviations_and_wall_time() -> None:
                         {"a/stage_seconds": 60.0, "b/stage_seconds": 4.4}, None)
     assert wall_seconds(running) == pytest.approx(64.4) and fmt_seconds(3725) == "1h02m"
     assert fmt_seconds(None) == "-" and wall_seconds(replace(_record(1, {}, {}), end_time=None)) is None
+
+
+def test_oracle_at_the_largest_n_when_no_run_has_32() -> None:
+    small = [_record(0, {}, {"evaluate/oracle_all_correct_seen_n1": 0.1,
+                             "evaluate/oracle_all_correct_seen_n4": 0.2,
+                             "evaluate/oracle_all_correct_holdout_n4": 0.0})]
+    assert default_metrics(small)[:3] == ["evaluate/oracle_all_correct_seen_n4",
+                                          "evaluate/oracle_all_correct_holdout_n4",
+                                          "train_prior/val_loss"]
+    mixed = [*small, _record(1, {}, {"evaluate/oracle_all_correct_seen_n32": 0.5})]
+    assert default_metrics(mixed)[0] == "evaluate/oracle_all_correct_seen_n32"
+    stage = [replace(r, metrics={k.split("/")[1]: v for k, v in r.metrics.items()}) for r in small]
+    assert default_metrics(stage, "evaluate") == ["oracle_all_correct_seen_n4",
+                                                  "oracle_all_correct_holdout_n4", "wall"]
+    assert format_table(small, [], default_metrics(small)).split()[3:5] == ["seen@4", "held@4"]
 
 
 def test_compare_unknown_experiment_is_one_line(tmp_mlflow, capsys) -> None:

@@ -10,6 +10,7 @@ that do not fit are left out and named in a note, so every line fits `width` cha
 """
 from __future__ import annotations
 
+import re
 import textwrap
 import time
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ QUALITY = (("evaluate/oracle_all_correct_seen_n32", "seen@32"),
            ("train_dvae/final_oracle_all_correct_recon", "dVAE"),
            ("train_clip/retrieval_top1", "top1"))
 SHORT = {**dict(QUALITY), **{name.split("/", 1)[1]: short for name, short in QUALITY}}  # + bare
+# Other names with a short header: the oracle at any N, the prior's val loss by part.
+PATTERNS = ((re.compile(r"^(?:evaluate/)?oracle_all_correct_seen_n(\d+)$"), r"seen@\1"),
+            (re.compile(r"^(?:evaluate/)?oracle_all_correct_holdout_n(\d+)$"), r"held@\1"),
+            (re.compile(r"^(?:train_prior/)?val_loss_(text|image)$"), r"val \1"))
 STAGE_ALIAS = {"train_prior": "prior", "train_dvae": "dvae", "train_clip": "clip",
                "evaluate": "eval", "generate": "gen", "tokenizer": "tok"}
 LAST_SECTIONS = ("paths.", "tracking.")  # where runs differ without being a knob: shown last
@@ -47,12 +52,25 @@ class Column:
         return max(len(c) for c in [self.header, *self.cells])
 
 
+def _at_largest_n(name: str, present: set[str]) -> str:
+    """`..._n32` as is when a run has it, else the same oracle figure at the largest N that a run
+    has (a run with `generate.candidates` 4 or 64); other names as they are."""
+    base, n, _ = name.rpartition("_n")
+    if not base.endswith(("_seen", "_holdout")) or name in present:
+        return name
+    sizes = [int(k[len(base) + 2:]) for k in present
+             if k.startswith(base + "_n") and k[len(base) + 2:].isdigit()]
+    return f"{base}_n{max(sizes)}" if sizes else name
+
+
 def default_metrics(runs: Sequence[RunRecord], stage: Optional[str] = None) -> list[str]:
-    """The quality columns (+ wall): parent-run names, or for `stage` runs that stage's own."""
-    if stage is None:
-        return [name for name, _ in QUALITY] + [WALL]
-    own = [name.split("/", 1)[1] for name, _ in QUALITY if name.startswith(f"{stage}/")]
+    """The quality columns (+ wall): parent-run names, or for `stage` runs that stage's own; the
+    oracle at N = 32, or at the largest N the runs have when none has 32."""
     present = {k for r in runs for k in r.metrics}
+    if stage is None:
+        return [_at_largest_n(name, present) for name, _ in QUALITY] + [WALL]
+    own = [_at_largest_n(name.split("/", 1)[1], present) for name, _ in QUALITY
+           if name.startswith(f"{stage}/")]
     if not any(m in present for m in own):  # a stage with no quality figure: its losses
         own = sorted(k for k in present if "loss" in k and not k.startswith("train_"))[:3]
     return own + [WALL]
@@ -98,12 +116,16 @@ def clip(text: str, cap: int) -> str:
 
 
 def abbreviate(name: str, cap: int) -> str:
-    """A dotted or slashed name shortened to `cap`: a known header; a metric's stage to its alias,
-    then dropped (train_prior/val_loss_image -> prior/val_loss_image -> val_loss_image); a
+    """A dotted or slashed name shortened to `cap`: a known header (`SHORT`, `PATTERNS`); a
+    metric's stage to its alias, then dropped (train_dvae/final_val_recon_mse ->
+    dvae/final_val_recon_mse -> final_val_recon_mse); a
     param's leading sections to their first letter (data.synthetic.n_images -> d.s.n_images);
     then a cut in the middle."""
     if name in SHORT:
         return SHORT[name]
+    for pattern, short in PATTERNS:
+        if pattern.match(name):
+            return pattern.sub(short, name)
     stage, slash, rest = name.partition("/")
     tries = [name, f"{STAGE_ALIAS.get(stage, stage)}/{rest}", rest] if slash else [name]
     parts = name.split(".")
