@@ -55,7 +55,7 @@ class Column:
 def _at_largest_n(name: str, present: set[str]) -> str:
     """`..._n32` as is when a run has it, else the same oracle figure at the largest N that a run
     has (a run with `generate.candidates` 4 or 64); other names as they are."""
-    base, n, _ = name.rpartition("_n")
+    base, _sep, _n = name.rpartition("_n")
     if not base.endswith(("_seen", "_holdout")) or name in present:
         return name
     sizes = [int(k[len(base) + 2:]) for k in present
