@@ -16,8 +16,9 @@ SIDE = 1024  # one 1024^3 GEMM: ~2 GFLOP, about 10 ms on 2 cores
 
 def matmul_gflops(repeats: int = 5, side: int = SIDE) -> float:
     """Median fp32 GFLOP/s of a [side, side] @ [side, side] product over `repeats` runs."""
-    a = torch.randn(side, side)  # [side, side]
-    b = torch.randn(side, side)  # [side, side]
+    gen = torch.Generator().manual_seed(0)  # never the global stream: a stage's draws stay its own
+    a = torch.randn(side, side, generator=gen)  # [side, side]
+    b = torch.randn(side, side, generator=gen)  # [side, side]
     torch.mm(a, b)  # warm-up: thread pool and caches
     times = []
     for _ in range(repeats):
