@@ -93,8 +93,13 @@ class Artefacts:
 
     @property
     def dvae_recon(self) -> Path:
-        """val originals (top row) above their reconstructions (bottom row)."""
-        return self.models / "dvae_recon.png"
+        """val originals (top row) above their reconstructions (bottom row): a picture in git."""
+        return self.plots_dir / "dvae_recon.png"
+
+    @property
+    def sample_sheet(self) -> Path:
+        """Captions beside their top samples at the largest N, seen and held-out (`eval.sample_sheet`)."""
+        return self.plots_dir / "samples.png"
 
     @property
     def dvae_state(self) -> Path:

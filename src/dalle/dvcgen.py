@@ -122,7 +122,7 @@ def plots(art: Artefacts) -> list[Any]:
     out: list[Any] = [{title: {"template": tmpl, "x": x, "y": {str(path): ys}}}
                       for title, path, x, ys, tmpl in curve]
     out += [str(png(p)) for p in (art.fid_blur, art.fid_rerank, art.oracle_rerank)]
-    out += [str(art.dvae_recon), str(art.samples / "sheet.png")]  # val recons; labelled samples
+    out += [str(art.dvae_recon), str(art.sample_sheet)]  # val recons; labelled samples
     return out
 
 

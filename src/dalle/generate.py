@@ -37,14 +37,13 @@ from dalle.errors import CheckpointError, DataError
 from dalle.io import atomic_dir, write_json
 from dalle.models.dvae import DiscreteVAE, load_dvae
 from dalle.models.transformer import DalleTransformer, load_prior
-from dalle.pixels import grid, labelled_sheet, to_uint8
+from dalle.pixels import grid, to_uint8
 from dalle.rerank import Reranker, load_reranker, top_k
 from dalle.sample import sample_image_tokens
 from dalle.stage import Out, StageSpec
 from dalle.train import precision_choice
 
 log = logging.getLogger(__name__)
-SHEET_ROWS = 6  # captions per combo kind on samples/sheet.png
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # ids, lengths, uniforms -> [B*N, G]
 Chunk = tuple[np.ndarray, np.ndarray, list[np.ndarray]]  # tokens [b, N, G], scores [b, N], kept [k, H, W, 3] x b
 
@@ -159,10 +158,6 @@ def write_samples(out: Path, art: Artefacts, captions: pd.DataFrame, tokens: np.
                          "path": rel})
     index = pd.DataFrame(rows)
     index.to_parquet(out / art.samples_index.name, index=False)
-    sheet = [(f"{row.combo}: {row.caption}"[:90], kept[c]) for c, row in enumerate(
-        captions.itertuples(index=False)) if captions["combo"].iloc[:c].eq(row.combo).sum() < SHEET_ROWS]
-    if sheet:  # the first SHEET_ROWS captions of every combo kind, labelled (README pictures)
-        labelled_sheet(sheet).save(out / "sheet.png")
     np.savez_compressed(out / art.candidates.name, tokens=tokens, scores=scores,
                         caption_ids=captions["caption_id"].to_numpy().astype(str),
                         captions=captions["caption"].to_numpy().astype(str),

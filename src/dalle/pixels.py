@@ -87,23 +87,3 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
-
-
-def labelled_sheet(rows: list[tuple[str, np.ndarray]], scale: int = 2, label_h: int = 14,
-                   gap: int = 4) -> Image.Image:
-    """A labelled picture: for each (label, images uint8 [K, H, W, 3]) a line of text above its
-    images side by side, each enlarged `scale` times (nearest neighbour)."""
-    from PIL import ImageDraw
-
-    cells = [grid(imgs, cols=len(imgs), gap=2).resize(
-        (grid(imgs, cols=len(imgs), gap=2).width * scale, imgs.shape[1] * scale), Image.NEAREST)
-        for _, imgs in rows]
-    width = max([c.width for c in cells] + [6 * max((len(t) for t, _ in rows), default=1)]) + 2 * gap
-    height = sum(c.height + label_h + gap for c in cells) + gap
-    sheet = Image.new("RGB", (width, height), "white")
-    draw, y = ImageDraw.Draw(sheet), gap
-    for (text, _), cell in zip(rows, cells):
-        draw.text((gap, y), text, fill=(0, 0, 0))
-        sheet.paste(cell, (gap, y + label_h))
-        y += cell.height + label_h + gap
-    return sheet

@@ -26,6 +26,7 @@ class RunRecord:
     stage: str
     params: dict[str, str]
     metrics: dict[str, float]
+    end_time: Optional[int] = None  # ms; a pipeline run's is its last stage's end
 
 
 def search_runs(experiment: str, kind: str = "pipeline", stage: Optional[str] = None,
@@ -41,7 +42,7 @@ def search_runs(experiment: str, kind: str = "pipeline", stage: Optional[str] = 
     return [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status,
                       r.info.start_time or 0, r.data.tags.get("dalle.kind", ""),
                       r.data.tags.get("dalle.stage", ""), dict(r.data.params),
-                      dict(r.data.metrics)) for r in runs]
+                      dict(r.data.metrics), r.info.end_time) for r in runs]
 
 
 def metric_history(run_id: str, key: str, uri: Optional[str] = None) -> list[tuple[int, float]]:

@@ -19,7 +19,9 @@ A stage is declared once, next to its library function (`dalle.train.dvae.STAGE`
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -30,7 +32,9 @@ from dalle.config_sections import Params
 from dalle.curves import CurveRecorder
 from dalle.distributed.launch import relaunch_if_needed, will_relaunch
 from dalle.errors import ConfigError
+from dalle.io import write_json
 from dalle.runner import configure_logging, fail, parse_stage_args, run_guarded
+from dalle.speed import matmul_gflops
 from dalle.tracking import NullTracker, process_rank, stage_run
 
 StageFn = Callable[..., dict[str, Any]]
@@ -78,8 +82,19 @@ class StageSpec:
             self.preflight(params)
 
     def run(self, params: Params, tracker: Any) -> dict[str, Any]:
-        """The stage's work in this process; returns its metrics."""
-        return self.fn(Artefacts(params.paths), tracker, **self.arguments(params))
+        """The stage's work in this process; returns its metrics, with its wall time and the
+        machine's reference speed (`dalle.speed`) added to its metrics file on rank 0."""
+        before, start = matmul_gflops(), time.perf_counter()
+        metrics = self.fn(Artefacts(params.paths), tracker, **self.arguments(params))
+        timing = {"stage_seconds": round(time.perf_counter() - start, 2),
+                  "reference_matmul_gflops": round((before + matmul_gflops()) / 2, 1)}
+        if process_rank() == 0:
+            for out in self.outputs(Artefacts(params.paths)):
+                if out.metric:  # the stage wrote it; the encode stage's is its returned metrics
+                    found = json.loads(out.path.read_text()) if out.path.exists() else metrics
+                    write_json(out.path, {**found, **timing})
+            tracker.log_metrics(timing)
+        return {**(metrics or {}), **timing}
 
     def main(self, argv: Optional[Sequence[str]] = None) -> Any:
         """`python -m stages.<name> [--params F] [--preset P] [-S k=v]` (what `dvc repro` runs)."""

@@ -162,7 +162,7 @@ def shard_number(index: SplitIndex, s: int) -> int:
 STAGE = StageSpec(
     name="encode", fn=encode_tokens, params=("encode", "tokenizer.text_len"),
     inputs=lambda a: (a.dvae, a.tokenizer, a.clean),
-    outputs=lambda a: (Out(a.tokens_dir),),
+    outputs=lambda a: (Out(a.tokens_dir), Out(a.metrics("encode"), metric=True)),
     summary="argmax image tokens + BPE text into the token cache (§2.2); split by shard over "
             "distributed.num_proc Horovod ranks when asked (the same files as one process)",
     distributed=True,

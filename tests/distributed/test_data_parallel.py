@@ -111,11 +111,15 @@ def test_dvae_two_ranks_match_one_process(world: Path) -> None:
 
 
 def test_clip_two_ranks_match_one_process(world: Path) -> None:
-    """In memory: the contrastive loss over the gathered embeddings of both ranks."""
+    """In memory: the contrastive loss over the gathered embeddings of both ranks. AdamW turns a
+    rounding-sized gradient (an element whose gradient is ~0) into a step of up to lr, so the
+    bound is per element: 99.9% within float rounding, every one within lr per step."""
     diff = _one_and_two(world, "train_clip", "clip.safetensors", **CLIP)
-    free = {k for k in diff if k == "visual.body.0.bias" or k.endswith("[key]")}  # gradient 0
-    assert max(v for k, v in diff.items() if k not in free) < TOL
-    assert max(diff[k] for k in free) < 6 * 2 * 1e-3  # 6 steps, each at most +-lr (1e-3) apart
+    wa = load_checkpoint(world / "train_clip1" / "models" / "clip.safetensors")[0]
+    wb = load_checkpoint(world / "train_clip2" / "models" / "clip.safetensors")[0]
+    gaps = torch.cat([(wa[k].double() - wb[k].double()).abs().flatten() for k in wa])
+    assert float(torch.quantile(gaps, 0.999)) < TOL, float(torch.quantile(gaps, 0.999))
+    assert max(diff.values()) < 6 * 2 * 1e-3  # 6 steps, each at most +-lr (1e-3) apart
 
 
 def test_one_step_gradients_equal_one_process(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def world(tmp_path_factory, repo_root=Path(__file__).resolve().parents[2]):  # n
 def test_train_dvae_then_encode(world):
     tmp, repo_root = world
     metrics = train_dvae_main(_args(tmp, repo_root))
-    assert (tmp / "models" / "dvae.safetensors").exists() and (tmp / "models" / "dvae_recon.png").exists()
+    assert (tmp / "models" / "dvae.safetensors").exists() and (tmp / "plots" / "dvae_recon.png").exists()
     on_disk = json.loads((tmp / "metrics" / "dvae.json").read_text())
     assert on_disk["val_recon_mse"] == pytest.approx(metrics["val_recon_mse"])
     attrs = [on_disk[f"oracle_recon_{k}"] for k in ("count", "colour", "shape", "size", "position")]

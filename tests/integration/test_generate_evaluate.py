@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pandas as pd
 import pytest
 import torch
@@ -96,6 +97,8 @@ def test_train_clip_generate_evaluate_end_to_end(world):
     assert all(np.isfinite(r["fid"]) and r["extractor"] == e["extractor"] for r in blur + rerank)
     assert {r["combo"] for r in oracle} == {"seen", "holdout"}
     assert (root / "plots" / "fid_rerank.png").is_file() and (root / "metrics" / "eval.json").is_file()
+    sheet = Image.open(root / "plots" / "samples.png")  # captions beside their top samples
+    assert sheet.width > 600 and sheet.height > 300
 
 
 def test_bad_input_is_one_line(world, tmp_path, capsys):

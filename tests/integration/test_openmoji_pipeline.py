@@ -75,6 +75,6 @@ def test_openmoji_dag_end_to_end(tmp_path) -> None:
     assert dvae["val_colour_error"] >= 0 and "oracle_all_correct_recon" not in dvae
     curve = json.loads(art.curves("train_prior").read_text())
     assert any("val_loss_image" in r for r in curve) and any("loss_image" in r for r in curve)
-    assert (art.samples / "sheet.png").is_file() and art.dvae_recon.is_file()  # the labelled grid of seen / held-out samples
+    assert art.sample_sheet.is_file() and art.dvae_recon.is_file()  # the README's pictures  # the labelled grid of seen / held-out samples
     rows = json.loads(art.oracle_rerank.read_text())
     assert {r["combo"] for r in rows} == {"seen", "holdout"} and all("skin_tone" in r for r in rows)

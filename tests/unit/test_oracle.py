@@ -18,8 +18,8 @@ N = 200
 
 @pytest.fixture(scope="module")
 def scenes():
-    cfg = load_params(REPO / "params.yaml", overrides=["data.synthetic.max_objects=3"]).data.synthetic
-    return [scene(cfg, 64, i, 0) for i in range(N)]
+    data = load_params(REPO / "params.yaml", overrides=["data.synthetic.max_objects=3"]).data
+    return [scene(data.synthetic, data.image_size, i, 0) for i in range(N)]
 
 
 def _jpeg(img: Image.Image, quality: int = 50) -> Image.Image:
@@ -29,7 +29,7 @@ def _jpeg(img: Image.Image, quality: int = 50) -> Image.Image:
 
 
 def _noise(img: Image.Image, seed: int) -> np.ndarray:
-    arr = np.asarray(img).astype(float) + np.random.default_rng(seed).normal(0, 12, (64, 64, 3))
+    arr = np.asarray(img).astype(float) + np.random.default_rng(seed).normal(0, 12, np.asarray(img).shape)
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
@@ -59,7 +59,8 @@ def test_parse_positions_and_float_input(scenes):
     objs = parse(np.asarray(img).astype(np.float32) / 255.0)
     assert len(objs) == 2
     for obj, want in zip(objs, sorted(placed, key=lambda p: p["x"])):
-        assert abs(obj.x * 64 - want["x"]) < 1.5 and abs(obj.y * 64 - want["y"]) < 1.5
+        side = img.size[0]
+        assert abs(obj.x * side - want["x"]) < 1.5 and abs(obj.y * side - want["y"]) < 1.5
 
 
 @pytest.mark.parametrize("attr,swap", [("colour", {"red": "blue", "blue": "red", "green": "yellow",
@@ -97,3 +98,24 @@ def test_unreadable_inputs_are_one_line():
         score("a photograph of nothing", np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(DataError, match=r"\[H, W, 3\]"):
         parse(np.zeros((64, 64), np.uint8))
+
+
+def test_size_split_sits_in_the_measured_gap(scenes):
+    """SIZE_SPLIT is a measurement: the radius it reads on the originals (area over the shape's
+    area per r^2) must leave a clear gap between small and large, with the split inside it."""
+    import math
+
+    from dalle.eval import oracle
+
+    radii: dict[str, list[float]] = {"small": [], "large": []}
+    for spec, _text, _placed, img in scenes:
+        objs = parse(img)
+        if len(objs) != len(spec["objects"]):
+            continue
+        for obj, want in zip(oracle._match(objs, spec), spec["objects"]):
+            radii[want["size"]].append(math.sqrt(obj.area / oracle.AREA_PER_R2[obj.shape]))
+    small, large = max(radii["small"]), min(radii["large"])
+    gap = large - small
+    print(f"read radius / side: small <= {small:.4f}, large >= {large:.4f}, split {oracle.SIZE_SPLIT}")
+    assert gap > 0.02
+    assert small + 0.3 * gap < oracle.SIZE_SPLIT < large - 0.3 * gap

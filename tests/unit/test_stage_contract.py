@@ -131,7 +131,7 @@ def test_each_artefact_name_is_spelled_once() -> None:
              "dvae.safetensors", "dvae_recon.png", "dvae_train_state", "prior.safetensors",
              "prior.ckpt", "clip.safetensors", "clip.state", "candidates.npz", "index.parquet",
              ".prior_samples", "prior_loss.json", "fid_blur.json", "fid_rerank.json",
-             "oracle_rerank.json"]
+             "oracle_rerank.json", "samples.png"]
     texts = {p: _strings(p) for d in ("src", "stages", "flows") for p in (REPO / d).rglob("*.py")}
     for name in names:
         where = [str(p.relative_to(REPO)) for p, t in texts.items() if name in t]

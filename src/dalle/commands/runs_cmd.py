@@ -1,60 +1,52 @@
-"""`dalle runs compare [--experiment NAME] [--stage S] [--plot out.png]`.
+"""`dalle runs compare [--experiment NAME] [--stage S] [--metrics a,b] [--params x,y] [--plot out.png]`.
 
-Prints a table of MLflow runs (newest first) with their key params and metrics: by default the
-pipeline (parent) runs, whose metrics are the stages' final values (`train_prior/loss`, ...);
-`--stage train_prior` compares that stage's runs instead. `--plot` draws one curve per run of a
-stage metric (by step) into a PNG.
+Prints a table of MLflow runs (newest first) that leads with quality and fits a 120-column
+terminal (`dalle.commands.runs_table`): by default the pipeline (parent) runs with the samples'
+oracle all-correct at N = 32 on seen and held-out captions, the prior's val loss, the dVAE's
+oracle on val reconstructions, CLIP top-1 and the wall time, then the params that differ between
+the runs. `--metrics`/`--params` choose other columns (full MLflow names, e.g.
+`train_prior/val_loss_image`); `--stage train_prior` compares that stage's runs instead. `--plot`
+draws one curve per run of a stage metric (by step) into a PNG.
 """
 from __future__ import annotations
 
 import argparse
-import time
+import difflib
+import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
+from dalle.commands.runs_table import WALL, default_metrics, format_table, varying_params
 from dalle.errors import OutputError
 from dalle.runs import RunRecord, metric_history, search_runs
 from dalle.tracking import default_uri
 
-KEY_PARAMS = ("data.synthetic.n_images", "dvae.vocab_size", "dvae.steps", "prior.n_layers",
-              "prior.d_model", "prior.attention", "prior.steps", "generate.candidates", "seed")
 _METRIC_HINTS = ("loss", "fid", "is_", "inception", "accuracy", "bpd", "oracle", "recall")
 
 
-def key_metrics(runs: Sequence[RunRecord], wanted: Sequence[str] = (), limit: int = 8) -> list[str]:
-    """The metric columns: the requested ones, else the most informative names present."""
+def key_metrics(runs: Sequence[RunRecord], limit: int = 8) -> list[str]:
+    """The most informative metric names present (losses, FID, oracle, ...): the `--plot` default."""
     present = sorted({k for r in runs for k in r.metrics})
-    if wanted:
-        return [k for k in wanted if k in present] or list(wanted)
     hinted = [k for k in present if any(h in k.lower() for h in _METRIC_HINTS)]
     rest = [k for k in present if k not in hinted]
     return (hinted + rest)[:limit]
 
 
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def format_table(runs: Sequence[RunRecord], params: Sequence[str], metrics: Sequence[str]) -> str:
-    """A fixed-width text table: run, started, status, then one column per param and metric."""
-    header = ["run", "started", "status", *params, *metrics]
-    rows = [[r.name[:28], time.strftime("%m-%d %H:%M", time.localtime(r.start_time / 1000)),
-             r.status, *(r.params.get(p, "-") for p in params),
-             *(_fmt(r.metrics.get(m)) for m in metrics)] for r in runs]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def varying_params(runs: Sequence[RunRecord], limit: int = 6) -> list[str]:
-    """Params whose values differ between the runs (what a comparison is about)."""
-    keys = sorted({k for r in runs for k in r.params})
-    return [k for k in keys if len({r.params.get(k) for r in runs}) > 1][:limit]
+def unknown_metric_notes(runs: Sequence[RunRecord], wanted: Sequence[str]) -> list[str]:
+    """A note for each requested metric no run has, with the nearest names that exist."""
+    present = sorted({k for r in runs for k in r.metrics})
+    notes = []
+    for name in wanted:
+        if name != WALL and name not in present:
+            near = difflib.get_close_matches(name, present, n=1, cutoff=0.5)
+            notes.append(f"note: no run shown has metric {name!r}"
+                         + (f"; did you mean {near[0]}?" if near else ""))
+    return notes
 
 
 def plot_curves(runs: Sequence[RunRecord], metric: str, out: Path, uri: str) -> int:
@@ -93,10 +85,11 @@ def _compare(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no {kind} runs in experiment {args.experiment!r}")
         return 0
-    params = args.params.split(",") if args.params else [
-        p for p in dict.fromkeys([*KEY_PARAMS, *varying_params(runs)]) if any(p in r.params for r in runs)]
-    metrics = key_metrics(runs, args.metrics.split(",") if args.metrics else ())
-    print(format_table(runs, params, metrics))
+    params = _names(args.params) if args.params else varying_params(runs)
+    metrics = _names(args.metrics) if args.metrics else default_metrics(runs, args.stage)
+    print(format_table(runs, params, metrics, width=args.width))
+    for note in unknown_metric_notes(runs, metrics if args.metrics else ()):
+        print("\n".join(textwrap.wrap(note, args.width, subsequent_indent="  ")), file=sys.stderr)
     if args.plot:
         stage = args.stage or "train_prior"
         stage_runs = runs if args.stage else search_runs(args.experiment, "stage", stage,
@@ -111,11 +104,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     runs = sub.add_parser("runs", help="compare tracked MLflow runs")
     actions = runs.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    cmp = actions.add_parser("compare", help="table of runs with key params and metrics")
+    cmp = actions.add_parser("compare", help="table of runs: quality, wall time, differing params")
     cmp.add_argument("--experiment", default="dalle", help="MLflow experiment (default dalle)")
     cmp.add_argument("--stage", default=None, help="compare runs of one stage, e.g. train_prior")
-    cmp.add_argument("--params", default=None, help="comma-separated param columns")
-    cmp.add_argument("--metrics", default=None, help="comma-separated metric columns")
+    cmp.add_argument("--params", default=None,
+                     help="comma-separated param columns (default: those that differ between the runs)")
+    cmp.add_argument("--metrics", default=None,
+                     help="comma-separated metric columns, full MLflow names, e.g. "
+                          "train_prior/val_loss_image,evaluate/fid_all_n32 (wall: the run's duration)")
+    cmp.add_argument("--width", type=int, default=120, help="widest line printed (default 120)")
     cmp.add_argument("--max-runs", type=int, default=20, help="newest N runs (default 20)")
     cmp.add_argument("--plot", default=None, metavar="PNG", help="write the runs' curves here")
     cmp.add_argument("--curve", default=None, help="metric to plot (default: the stage's loss)")

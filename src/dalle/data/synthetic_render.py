@@ -18,12 +18,14 @@ from dalle.data.synthetic_captions import PALETTE
 SUPERSAMPLE = 4
 BACKGROUND = (232, 232, 228)
 # object "radius" as a fraction of the image side; every shape of radius r has an area close
-# to a circle of radius r (square half-side 0.9 r, triangle circumradius 1.3 r). A small object
-# spans ~14 px (~1.75 cells of the default 8x8 dVAE grid), a large one ~22 px (~2.8 cells); at
-# 0.085 / 0.155 (~11 / ~20 px) the dVAE lost the shape of both (docs/decisions.md, dVAE).
-RADIUS = {"small": 0.11, "large": 0.175}
-ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),
-           "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
+# to a circle of radius r (square half-side 0.9 r, triangle circumradius 1.3 r). At the default
+# 96 px and 8 px per dVAE cell a small object spans 24 px (3 cells), a large one ~35 px (~4.3
+# cells): the dVAE keeps the shape of objects of about 3 cells or more, and loses it under 2
+# (docs/decisions.md, "The world at 96 px").
+RADIUS = {"small": 0.125, "large": 0.18}
+# top / bottom sit 0.27 from the border so that a large triangle's apex stays inside the image
+ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.27),
+           "bottom": (0.5, 0.73), "centre": (0.5, 0.5)}
 # three objects "from left to right" zig-zag so that three large shapes never touch
 ROW_ANCHORS = ((0.2, 0.28), (0.5, 0.72), (0.8, 0.28))
 

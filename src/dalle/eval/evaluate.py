@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -41,6 +42,7 @@ from dalle.eval import skin_tone
 from dalle.eval.oracle import ATTRIBUTES, score
 from dalle.eval.plots import line_png, write_plot_json
 from dalle.eval.reference import RealImages, reference_sets
+from dalle.eval.sample_sheet import write_sample_sheet
 from dalle.io import write_json
 from dalle.models.dvae import DiscreteVAE, load_dvae
 from dalle.pixels import to_uint8
@@ -247,7 +249,11 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
                      f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True),
             line_png(png(art.oracle_rerank), oracle, "rerank_size", ys, "combo",  # empty: no specs
                      "model-free check (oracle / skin tone) vs rerank size", logx=True)]
-    for picture in pngs:
+    specs = eval_captions(art)
+    specs = dict(zip(specs["caption_id"].astype(str), specs["spec"])) if "spec" in specs else {}
+    sheet = write_sample_sheet(art.sample_sheet, pd.read_parquet(art.samples_index), specs,
+                               art.samples, metrics["candidates"])
+    for picture in [*pngs, *([sheet] if sheet else [])]:
         tracker.log_artifact(picture, "plots")
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
@@ -262,7 +268,7 @@ STAGE = StageSpec(
     inputs=lambda a: (a.samples, a.dvae, a.clip, a.tokenizer, a.clean, a.overlap),
     outputs=lambda a: (*(Out(f(p), cache=False) for p in (a.fid_blur, a.fid_rerank, a.oracle_rerank)
                          for f in (Path, png)),
-                       Out(a.metrics("eval"), metric=True)),
+                       Out(a.sample_sheet, cache=False), Out(a.metrics("eval"), metric=True)),
     summary="FID/IS over blur radii and rerank sizes, with and without the val images that overlap "
             "training; oracle accuracy on seen vs held-out combinations (§3.1); its jobs split over "
             "distributed.num_proc Horovod ranks when asked (the same outputs)",

@@ -210,7 +210,7 @@ def train_dvae(art: Artefacts, tracker: Any, dvae: DVAE, loader: Loader, seed: i
 STAGE = StageSpec(
     name="train_dvae", fn=train_dvae, params=("dvae", "loader", "seed"),
     inputs=lambda a: (a.clean,),
-    outputs=lambda a: (Out(a.dvae), Out(config_json(a.dvae)), Out(a.dvae_recon),
+    outputs=lambda a: (Out(a.dvae), Out(config_json(a.dvae)), Out(a.dvae_recon, cache=False),
                        Out(a.curves("train_dvae"), cache=False), Out(a.metrics("dvae"), metric=True)),
     summary="the dVAE with gumbel-softmax, logit-Laplace, β and τ annealing, EMA (§2.1, App. A); "
             "data-parallel over Horovod ranks when distributed.num_proc > 1",

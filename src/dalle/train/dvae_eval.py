@@ -57,17 +57,17 @@ def colour_errors(images: np.ndarray, recs: np.ndarray, white: int = 232) -> np.
     return np.linalg.norm(orig - rec, axis=1)
 
 
-def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 8) -> Path:
+def recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, n: int = 10) -> Path:
     """PNG: the first n originals (top row) above their reconstructions (bottom row)."""
     n = min(n, len(originals))
-    return save_png(grid(np.concatenate([originals[:n], recons[:n]]), cols=n), path)
+    return save_png(grid(np.concatenate([originals[:n], recons[:n]]), cols=n, gap=2), path)
 
 
 class _Tally:
     """Sums over the val batches: squared error, code counts, the oracle's readings of the
     first ORACLE_LIMIT reconstructions and originals (synthetic world), the grid's 8 images."""
 
-    GRID = 8
+    GRID = 10
 
     def __init__(self, vocab: int) -> None:
         self.sse, self.values, self.counts = 0.0, 0, torch.zeros(vocab, dtype=torch.float64)
