@@ -56,9 +56,10 @@ def test_collect_resume_reader_and_tokenizer(tmp_path, repo_root):
     paths = Artefacts(load_params(repo_root / "params.yaml", overrides=[
         f"paths.raw={raw}", f"paths.clean={tmp_path / 'clean'}"]).paths)
     train = load_split(paths, "train")
+    size = load_params(repo_root / "params.yaml").data.image_size
     manifest = pd.read_parquet(raw / "manifest.parquet")
     assert len(train) == (manifest["split"] == "train").sum() == metrics["train"]
-    assert train.images.dtype == np.uint8 and train.images.shape[1:] == (64, 64, 3)
+    assert train.images.dtype == np.uint8 and train.images.shape[1:] == (size, size, 3)
     assert train.captions[0] == manifest.set_index("key").loc[train.keys[0], "caption"]
     assert set(eval_captions(paths)["combo"]) == {"seen", "holdout"}
 
