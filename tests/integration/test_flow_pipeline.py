@@ -48,7 +48,9 @@ def test_flow_runs_dag_with_retry_tracking_and_artifacts(harness, workdir, monke
     order = (workdir / "order.log").read_text().split()
     assert order == ["collect", "dedup", "evaluate"], order
     assert [r["stage"] for r in results] == ["collect", "dedup", "evaluate"]
+    timing = {k: results[0]["metrics"].pop(k) for k in ("stage_seconds", "reference_matmul_gflops")}
     assert results[0]["metrics"] == {"loss": 1 / 3, "n_layers": 3, "seen": "collect"}
+    assert timing["stage_seconds"] >= 0 and timing["reference_matmul_gflops"] > 0  # dalle.speed
     assert results[0]["outs"] == ["data/raw"] and results[2]["outs"][0] == "plots/fid_blur.json"
     json.dumps(results)  # plain JSON, no tensors
 
