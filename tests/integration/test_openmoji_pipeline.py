@@ -71,6 +71,11 @@ def test_openmoji_dag_end_to_end(tmp_path) -> None:
             assert 0.0 <= evals[f"skin_tone_{combo}_n{n}"] <= 1.0
     assert not any(k.startswith("oracle_all_correct") for k in evals)
     assert {"fid_all_seen_n1", "fid_all_holdout_n4"} <= set(evals)  # FID per caption kind
+    # the ceiling: the held-out drawings (all in val) as drawn and through the dVAE
+    assert evals["skin_tone_ceiling_n_holdout"] == 4
+    assert 0.0 <= evals["skin_tone_recon_holdout"] <= 1.0 and evals["skin_tone_drawn_holdout"] > 0
+    clip = json.loads(art.metrics("clip").read_text())
+    assert 0.0 <= clip["retrieval_top1_manifest_order"] <= 1.0
     dvae = json.loads(art.metrics("dvae").read_text())
     assert dvae["val_colour_error"] >= 0 and "oracle_all_correct_recon" not in dvae
     curve = json.loads(art.curves("train_prior").read_text())

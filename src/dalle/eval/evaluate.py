@@ -12,6 +12,8 @@
   kind ("seen" / "holdout"), as a function of n. Real drawings (`data.source: openmoji`): the
   model-free skin-tone check (`dalle.eval.skin_tone`) of best-of-n, per combo kind, in the same
   rows (its `all_correct` is `skin_tone`); which check applies is read from each caption's spec.
+  Beside it, the same check on the val drawings those captions name, as drawn and as the dVAE
+  reconstructs them (`dalle.eval.ceiling`): the most the samples can reach through these codes.
 
 Under Horovod the independent jobs (one FID/IS per rerank size or blur radius and reference set,
 one oracle scoring per rerank size) are split over the ranks (job j on rank j % world); rank 0
@@ -20,7 +22,6 @@ gathers the rows in job order and alone writes the metrics and plots and logs to
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ from dalle.distributed.gather import all_gather, my_share
 from dalle.distributed.launch import rank_and_world
 from dalle.errors import DataError
 from dalle.eval import fid as F
-from dalle.eval import skin_tone
-from dalle.eval.oracle import ATTRIBUTES, score
+from dalle.eval.ceiling import skin_tone_ceiling
+from dalle.eval.checks import check
+from dalle.eval.oracle import ATTRIBUTES
 from dalle.eval.plots import line_png, write_plot_json
 from dalle.eval.reference import RealImages, reference_sets
 from dalle.eval.sample_sheet import write_sample_sheet
@@ -93,18 +95,6 @@ def extractor(cfg: Evaluate, rerank_cfg: Rerank, art: Artefacts,
     return F.clip_extractor(reranker.encode_image, classes, reranker.name, digest)
 
 
-def check(spec: Optional[str], image: np.ndarray) -> Optional[dict[str, Any]]:
-    """The model-free reading of one image against its caption's spec: the synthetic world's
-    oracle, or the skin-tone check (spec "check": "skin_tone"); None without a spec."""
-    if not spec:
-        return None
-    parsed = json.loads(spec)
-    if parsed.get("check") == "skin_tone":
-        found = skin_tone.score(parsed, image)
-        return {**found, "all_correct": found["skin_tone"]}
-    return score(parsed, image)
-
-
 def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarray, n: int
                 ) -> list[dict[str, Any]]:
     """Per combo kind: mean correctness of each attribute the check reads, for best-of-n images."""
@@ -120,8 +110,8 @@ def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarr
     return rows
 
 
-def _specs(art: Artefacts, caption_ids: np.ndarray) -> list[Optional[str]]:
-    frame = eval_captions(art)
+def _specs(frame: pd.DataFrame, caption_ids: np.ndarray) -> list[Optional[str]]:
+    """Each candidate caption's spec (JSON) from the evaluation captions, None where it has none."""
     if "spec" not in frame.columns:
         return [None] * len(caption_ids)
     by_id = dict(zip(frame["caption_id"].astype(str), frame["spec"]))
@@ -194,14 +184,16 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     refs, skipped = usable(reference_sets(art, loader.max_bad_fraction, loader.in_memory_max_mb))
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
-    rows = sweeps(cand, dvae, refs, ext, cfg, _specs(art, cand["caption_ids"]))
+    captions = eval_captions(art)  # caption_id, caption, combo, spec: read once
+    rows = sweeps(cand, dvae, refs, ext, cfg, _specs(captions, cand["caption_ids"]))
     if rows is None:  # a rank other than 0: its rows went to rank 0
         return {"seconds": round(time.perf_counter() - t0, 1)}
     blur, rerank_rows, oracle = rows
     metrics = summarise(blur, rerank_rows, oracle, ext, cand["scores"].shape[1])
     metrics.update({f"reference_{name}_skipped": why for name, why in skipped.items()})
+    metrics.update(skin_tone_ceiling(art, dvae, captions, loader.max_bad_fraction))
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    write_outputs(art, tracker, blur, rerank_rows, oracle, metrics)
+    write_outputs(art, tracker, blur, rerank_rows, oracle, metrics, captions)
     return metrics
 
 
@@ -236,7 +228,7 @@ def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: i
 
 
 def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle: list,
-                  metrics: dict[str, Any]) -> None:
+                  metrics: dict[str, Any], captions: pd.DataFrame) -> None:
     write_plot_json(art.fid_blur, blur)
     write_plot_json(art.fid_rerank, rerank)
     write_plot_json(art.oracle_rerank, oracle)
@@ -249,8 +241,7 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
                      f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True),
             line_png(png(art.oracle_rerank), oracle, "rerank_size", ys, "combo",  # empty: no specs
                      "model-free check (oracle / skin tone) vs rerank size", logx=True)]
-    specs = eval_captions(art)
-    specs = dict(zip(specs["caption_id"].astype(str), specs["spec"])) if "spec" in specs else {}
+    specs = dict(zip(captions["caption_id"].astype(str), captions["spec"])) if "spec" in captions else {}
     sheet = write_sample_sheet(art.sample_sheet, pd.read_parquet(art.samples_index), specs,
                                art.samples, metrics["candidates"])
     for picture in [*pngs, *([sheet] if sheet else [])]:

@@ -8,7 +8,6 @@ Written by the evaluate stage as `Artefacts.sample_sheet` (a DVC output, regener
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dalle.eval import oracle, skin_tone
+from dalle.eval import oracle
+from dalle.eval.checks import check
 from dalle.io import atomic_path
 
 SHORT = {"skin_tone": "tone", "position": "pos", "colour": "col", "count": "count", "shape": "shape", "size": "size"}
@@ -25,16 +25,14 @@ KIND_TITLES = {"seen": "seen combinations", "holdout": "held-out combinations (z
 
 
 def verdict(spec: Optional[str], image: np.ndarray) -> Optional[list[str]]:
-    """The attributes the model-free check reads wrong ([] = all right): the oracle's on the
-    synthetic world, ["skin_tone"] or [] on a skin-tone spec (openmoji); None without a spec
-    (a val caption's spec is null: pd.NA in the parquet's string column)."""
-    if not isinstance(spec, str) or not spec:
+    """The attributes the model-free check (`dalle.eval.checks`) reads wrong ([] = all right): the
+    oracle's on the synthetic world, ["skin_tone"] or [] on a skin-tone spec (openmoji); None
+    without a spec (a val caption's spec is null: pd.NA in the parquet's string column)."""
+    result = check(spec, image)
+    if result is None:
         return None
-    parsed = json.loads(spec)
-    if parsed.get("check") == "skin_tone":
-        return [] if skin_tone.score(parsed, image)["skin_tone"] else ["skin_tone"]
-    result = oracle.score(parsed, image)
-    return [a for a in oracle.ATTRIBUTES if not result[a]]
+    return [a for a in (("skin_tone",) if "skin_tone" in result else oracle.ATTRIBUTES)
+            if not result[a]]
 
 
 def sheet_rows(index: pd.DataFrame, specs: dict[str, str], samples_dir: Path,
@@ -98,8 +96,11 @@ def write_sample_sheet(path: Path, index: pd.DataFrame, specs: dict[str, str], s
         inner = outer[i].subgridspec(n_rows, keep + 1, width_ratios=[2.1] + [1] * keep,
                                      wspace=0.06, hspace=0.3)
         _draw_kind(fig, inner, KIND_TITLES.get(kind, kind), entries, keep)
+    skin = any('"skin_tone"' in str(spec) for spec in specs.values())
+    verdict = ("the skin-tone check's reading, green = the asked tone" if skin
+               else "the oracle's reading, green = every attribute right")
     fig.suptitle(f"the reranker's top {keep} of N = {n_candidates} samples per caption "
-                 "(frame: the oracle's reading, green = every attribute right)", fontsize=10)
+                 f"(frame: {verdict})", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
