@@ -110,12 +110,12 @@ def oracle_rows(images: np.ndarray, specs: list[Optional[str]], combos: np.ndarr
     return rows
 
 
-def _specs(frame: pd.DataFrame, caption_ids: np.ndarray) -> list[Optional[str]]:
-    """Each candidate caption's spec (JSON) from the evaluation captions, None where it has none."""
+def specs_by_id(frame: pd.DataFrame) -> dict[str, str]:
+    """caption_id -> spec (JSON) of the evaluation captions that have one (a val caption's is
+    null: pd.NA in the parquet's string column); {} without a spec column."""
     if "spec" not in frame.columns:
-        return [None] * len(caption_ids)
-    by_id = dict(zip(frame["caption_id"].astype(str), frame["spec"]))
-    return [by_id.get(str(c)) if isinstance(by_id.get(str(c)), str) else None for c in caption_ids]
+        return {}
+    return {i: s for i, s in zip(frame["caption_id"].astype(str), frame["spec"]) if isinstance(s, str)}
 
 
 Job = tuple[str, int, float, str]  # kind ("rerank", "blur", "oracle"), rerank size, radius, reference
@@ -185,7 +185,8 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     ext = extractor(cfg, rerank, art, sorted(set(cand["captions"].tolist())))
     dvae = load_dvae(art.dvae)
     captions = eval_captions(art)  # caption_id, caption, combo, spec: read once
-    rows = sweeps(cand, dvae, refs, ext, cfg, _specs(captions, cand["caption_ids"]))
+    specs = specs_by_id(captions)
+    rows = sweeps(cand, dvae, refs, ext, cfg, [specs.get(str(c)) for c in cand["caption_ids"]])
     if rows is None:  # a rank other than 0: its rows went to rank 0
         return {"seconds": round(time.perf_counter() - t0, 1)}
     blur, rerank_rows, oracle = rows
@@ -193,7 +194,7 @@ def evaluate(art: Artefacts, tracker: Any, evaluate: Evaluate, rerank: Rerank, l
     metrics.update({f"reference_{name}_skipped": why for name, why in skipped.items()})
     metrics.update(skin_tone_ceiling(art, dvae, captions, loader.max_bad_fraction))
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    write_outputs(art, tracker, blur, rerank_rows, oracle, metrics, captions)
+    write_outputs(art, tracker, blur, rerank_rows, oracle, metrics, specs)
     return metrics
 
 
@@ -228,7 +229,7 @@ def summarise(blur: list, rerank: list, oracle: list, ext: F.Extractor, n_max: i
 
 
 def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle: list,
-                  metrics: dict[str, Any], captions: pd.DataFrame) -> None:
+                  metrics: dict[str, Any], specs: dict[str, str]) -> None:
     write_plot_json(art.fid_blur, blur)
     write_plot_json(art.fid_rerank, rerank)
     write_plot_json(art.oracle_rerank, oracle)
@@ -241,7 +242,6 @@ def write_outputs(art: Artefacts, tracker: Any, blur: list, rerank: list, oracle
                      f"FID/IS vs rerank size (fig. 9c; {metrics['extractor']})", logx=True),
             line_png(png(art.oracle_rerank), oracle, "rerank_size", ys, "combo",  # empty: no specs
                      "model-free check (oracle / skin tone) vs rerank size", logx=True)]
-    specs = dict(zip(captions["caption_id"].astype(str), captions["spec"])) if "spec" in captions else {}
     sheet = write_sample_sheet(art.sample_sheet, pd.read_parquet(art.samples_index), specs,
                                art.samples, metrics["candidates"])
     for picture in [*pngs, *([sheet] if sheet else [])]:
